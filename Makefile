@@ -1,0 +1,30 @@
+# Everything runs inside one virtual environment, created on first use.
+# torch is pinned first to the CPU wheel available on the dev/CI machines (see DEVELOPERS.md); on a GPU
+# cluster install torch for your CUDA first, then `pip install -e .[deepspeed]`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+PYTEST_ARGS ?=
+
+.PHONY: install test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev,deepspeed]" "$(TORCH_PIN)"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) scripts/bench/pe_overhead.py
+
+clean:
+	rm -rf outputs runs .pytest_cache

@@ -1,0 +1,285 @@
+"""An OLMo-style decoder-only transformer, generic over position encodings.
+
+Pre-norm blocks  x + attn(norm(x)),  x + mlp(norm(x));  RMSNorm (weight, eps 1e-6); fused QKV; SwiGLU MLP;
+no biases; final RMSNorm; untied LM head by default. Each attention layer owns a position-encoding module
+and asks it to rotate q/k and for an attention bias; the model never looks at the encoding's name, and it
+knows nothing about distribution (accelerate/DeepSpeed wrap it from outside).
+
+Shapes: B batch, T sequence, D d_model, H heads, Dh head_dim, V padded vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fope_lm.attention import causal_attention
+from fope_lm.errors import ConfigError
+from fope_lm.position import PositionEncoding, build_position_encoding
+
+VOCAB_MULTIPLE = 128  # embedding rows are padded to a multiple of this (50280 -> 50304): faster matmuls
+
+
+@dataclass
+class ModelConfig:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int = 50280  # the tokenizer's size; the embedding is padded up to `padded_vocab_size`
+    max_seq_len: int = 512  # the training length L (sets FoPE's floor frequency, YaRN's default L0)
+    mlp_ratio: int = 8  # SwiGLU input projection D -> mlp_ratio * D, split into value and gate halves
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    rope_theta: float = 10000.0
+    pe: str = "rope"
+    pe_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"head_dim {self.d_model // self.n_heads} must be even")
+        self.pe_options = dict(self.pe_options)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+# Model sizes (name -> shape). The paper's 60M / 180M / 1.2B are `60m`, `180m`, `1b`.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=128, n_layers=2, n_heads=4),
+    "20m": dict(d_model=256, n_layers=8, n_heads=8),
+    "60m": dict(d_model=512, n_layers=8, n_heads=8),
+    "150m": dict(d_model=768, n_layers=12, n_heads=12),
+    "180m": dict(d_model=1024, n_layers=8, n_heads=8),
+    "300m": dict(d_model=1024, n_layers=16, n_heads=16),
+    "700m": dict(d_model=1536, n_layers=16, n_heads=16),
+    "1b": dict(d_model=2048, n_layers=16, n_heads=16),
+}
+
+
+def preset_config(preset: str, **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[preset], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # the variance in float32 whatever the activations' dtype
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight
+
+
+class KVCache:
+    """Rotated keys and values of every layer for incremental decoding: (B, H, T_cached, Dh) each."""
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.pe: PositionEncoding = build_position_encoding(
+            config.pe,
+            head_dim=config.head_dim,
+            n_heads=config.n_heads,
+            max_seq_len=config.max_seq_len,
+            theta=config.rope_theta,
+            **config.pe_options,
+        )
+
+    def forward(self, x, positions, kv_cache: KVCache | None = None, dynamic_len: int | None = None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        q, k = self.pe.rotate_qk(q, k, positions, dynamic_len)
+        k_positions = positions
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+            k_positions = torch.arange(k.shape[2])
+        y = causal_attention(q, k, v, positions, k_positions, self.pe)  # (B, H, T, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.d_model // 2
+        self.up = nn.Linear(config.d_model, 2 * hidden, bias=False)  # value and gate halves, fused
+        self.down = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        value, gate = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * value)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, positions, kv_cache=None, dynamic_len=None):
+        x = x + self.attn(self.attn_norm(x), positions, kv_cache, dynamic_len)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor | None  # (B, T, V) float32; None when the loss was computed in chunks
+    loss: torch.Tensor | None  # float32 cross-entropy ("mean" or "sum" over target tokens)
+    n_targets: torch.Tensor | None  # number of target tokens (labels != -100)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) truncated at 3 sigma for every matrix; norms at one; PE state re-drawn."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, PositionEncoding):
+                module.reset_parameters()
+
+    def position_encodings(self) -> list[PositionEncoding]:
+        return [block.attn.pe for block in self.blocks]
+
+    def num_parameters(self, *, exclude_input_embedding: bool = False) -> int:
+        """Trainable parameters (frozen FoPE coefficients are buffers, so they do not count)."""
+        total = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if exclude_input_embedding and not self.config.tie_embeddings:
+            total -= self.embed.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N + 12 * n_layers * d_model * T (PaLM's estimate, attention included).
+
+        N counts every trainable parameter except the input embedding (a lookup), LM head included.
+        """
+        n = self.num_parameters(exclude_input_embedding=True)
+        return 6 * n + 12 * self.config.n_layers * self.config.d_model * seq_len
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        dynamic_len: int | None = None,
+        loss_chunk_size: int | None = None,
+        reduction: str = "mean",
+    ) -> ModelOutput:
+        """input_ids, labels: (B, T) int64; labels -100 are ignored.
+
+        start_pos: absolute position of input_ids[:, 0] (the KV cache length when decoding).
+        dynamic_len: the length dynamic YaRN scales for (default: the last position + 1).
+        loss_chunk_size: compute the LM head + loss this many positions at a time, never holding (B, T, V)
+          float32 logits (then `logits` is None).
+        """
+        B, T = input_ids.shape
+        if kv_cache is not None and start_pos != kv_cache.length:
+            raise ValueError(f"start_pos {start_pos} does not continue the KV cache of length {kv_cache.length}")
+        positions = torch.arange(start_pos, start_pos + T)  # CPU: lets position tables slice without a sync
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, positions, kv_cache, dynamic_len)
+        x = self.norm(x)
+
+        if labels is None:
+            return ModelOutput(self.lm_head(x).float(), None, None)
+        n_targets = (labels != -100).sum()
+        if loss_chunk_size is None or loss_chunk_size >= T:
+            logits = self.lm_head(x).float()
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        else:
+            logits = None
+            loss = x.new_zeros((), dtype=torch.float32)
+            for start in range(0, T, loss_chunk_size):
+                chunk = (x[:, start : start + loss_chunk_size], labels[:, start : start + loss_chunk_size])
+                if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of storing them
+                    loss = loss + checkpoint(self._loss_sum, *chunk, use_reentrant=False)
+                else:
+                    loss = loss + self._loss_sum(*chunk)
+        if reduction == "mean":
+            loss = loss / n_targets.clamp(min=1)
+        elif reduction != "sum":
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        return ModelOutput(logits, loss, n_targets)
+
+    def _loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x).float()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def build_model(preset: str | ModelConfig = "tiny", pe: str | None = None, **overrides) -> Transformer:
+    """A Transformer from a preset name (or a full ModelConfig) with overrides, e.g. pe="fope",
+    pe_options={"sigma": 0.3}, vocab_size=8192, max_seq_len=128. Build under `torch.device("meta")` to
+    count parameters of large presets without allocating them."""
+    if pe is not None:
+        overrides["pe"] = pe
+    if isinstance(preset, ModelConfig):
+        config = dataclasses.replace(preset, **overrides)
+    else:
+        config = preset_config(preset, **overrides)
+    return Transformer(config)

@@ -1,0 +1,45 @@
+"""ALiBi (Press et al. 2022): logit bias -m_h * (i - j), with the paper's geometric slopes."""
+
+import math
+
+import torch
+
+from fope_lm.position.base import PositionEncoding
+from fope_lm.position.registry import register
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """The reference code's slopes: 2^(-8h/H) for H a power of two, else interleaved from the 2p-head list."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        return [2 ** (-8 * h / n) for h in range(1, n + 1)]
+
+    if math.log2(n_heads).is_integer():
+        slopes = power_of_two_slopes(n_heads)
+    else:
+        p = 2 ** math.floor(math.log2(n_heads))
+        slopes = power_of_two_slopes(p) + power_of_two_slopes(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32, device="cpu")
+
+
+@register("alibi")
+class AlibiPositionEncoding(PositionEncoding):
+    def __init__(self, **base):
+        super().__init__(**base)
+        self._slopes = alibi_slopes(self.n_heads)  # constant: not state, so not in the state_dict
+
+    @property
+    def slopes(self) -> torch.Tensor:
+        return self._slopes
+
+    @property
+    def alibi_slopes(self) -> torch.Tensor:
+        return self._slopes
+
+    @property
+    def has_attention_bias(self) -> bool:
+        return True
+
+    def attention_bias(self, q_positions, k_positions):
+        distance = (q_positions[:, None] - k_positions[None, :]).to(torch.float32)  # i - j
+        return -self._slopes.to(distance.device)[:, None, None] * distance

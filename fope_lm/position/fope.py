@@ -1,0 +1,148 @@
+"""FoPE (Hua et al. 2025), exactly as the paper's official code computes it.
+
+Each attention head treats every kept RoPE frequency as a Fourier series over all kept frequencies:
+  c_{h,j}(t) = sum_k cos(w_k t) C_cos[h,k,j],   s_{h,j}(t) = sum_k sin(w_k t) C_sin[h,k,j]
+for the first d_out = min(K, head_dim/4) pairs; the remaining pairs get c = s = pad_value (1 in the
+official code: position-free channels with a 2x logit weight). Frequencies with a period longer than the
+training length (w < 2*pi/L) are clipped to zero and dropped. The coefficients are random (Xavier +
+identity/step-identity) and frozen by default, so the (H, T, head_dim/2) tables are cached like RoPE's.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from fope_lm.position.base import RotaryEncoding, YarnScaling, rope_inv_freq
+from fope_lm.position.registry import register
+
+
+def kept_frequencies(head_dim: int, theta: float, max_seq_len: int) -> torch.Tensor:
+    """RoPE's frequencies with every w < 2*pi/L (strictly) removed; the kept ones stay highest first."""
+    inv_freq = rope_inv_freq(head_dim, theta)
+    return inv_freq[inv_freq >= 2 * math.pi / max_seq_len]
+
+
+def step_eye(n_freqs: int, n_slots: int) -> torch.Tensor:
+    """Identity if square, else E[j*s, j] = 1 with step s = ceil(K / d_out), for every j*s < K."""
+    if n_freqs == n_slots:
+        return torch.eye(n_freqs, device="cpu")
+    eye = torch.zeros(n_freqs, n_slots, device="cpu")
+    step = math.ceil(n_freqs / n_slots)
+    for j in range(n_slots):
+        if j * step < n_freqs:
+            eye[j * step, j] = 1.0
+    return eye
+
+
+@register("fope")
+class FourierPositionEncoding(RotaryEncoding):
+    def __init__(
+        self,
+        *,
+        sigma: float = 0.3,
+        pad_value: float = 1.0,
+        learnable: bool = False,
+        scale: float = 1.0,
+        original_max_seq_len: int | None = None,
+        dynamic: bool = False,
+        attention_factor: float | None = None,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+        **base,
+    ):
+        super().__init__(**base)
+        self.sigma = float(sigma)
+        self.pad_value = float(pad_value)
+        self.learnable = bool(learnable)
+        self.yarn = YarnScaling(
+            scale=scale,
+            original_max_seq_len=original_max_seq_len or self.max_seq_len,
+            dynamic=dynamic,
+            attention_factor=attention_factor,
+            beta_fast=beta_fast,
+            beta_slow=beta_slow,
+        )
+        self.n_freqs = kept_frequencies(self.head_dim, self.theta, self.max_seq_len).numel()  # K
+        self.n_slots = min(self.n_freqs, self.head_dim // 4)  # d_out
+        shape = (self.n_heads, self.n_freqs, self.n_slots)
+        for coef_name in ("cos_coef", "sin_coef"):
+            coef = torch.empty(shape)
+            if self.learnable:
+                self.register_parameter(coef_name, nn.Parameter(coef))
+            else:  # buffers, not frozen Parameters: ZeRO-3 would partition Parameters
+                self.register_buffer(coef_name, coef, persistent=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        eye = step_eye(self.n_freqs, self.n_slots)
+        with torch.no_grad():
+            for coef in (self.cos_coef, self.sin_coef):  # independent draws per tensor and per layer
+                nn.init.xavier_normal_(coef, gain=self.sigma)
+                coef.add_(eye.to(coef.device))
+        self._cache = None
+
+    def frequencies(self, dynamic_len: int | None = None) -> tuple[torch.Tensor, float]:
+        """The K kept frequencies (YaRN-rescaled when active; the floor always uses L) and the table factor."""
+        freqs = kept_frequencies(self.head_dim, self.theta, self.max_seq_len)
+        if not self.yarn.active:
+            return freqs, 1.0
+        return self.yarn.apply(freqs, self.head_dim, self.theta, self.yarn.effective_scale(dynamic_len))
+
+    def table_key(self, dynamic_len):
+        if self.learnable:
+            return None
+        # _version changes on any in-place write (load_state_dict, copy_), data_ptr on replacement
+        coefs = (self.cos_coef, self.sin_coef)
+        versions = tuple((c._version, c.data_ptr()) for c in coefs)
+        return (self.yarn.effective_scale(dynamic_len) if self.yarn.active else 1.0, versions)
+
+    def build_table(self, positions, dynamic_len):
+        freqs, factor = self.frequencies(dynamic_len)
+        angles = torch.outer(positions, freqs.to(positions.device))  # (T, K), float32
+        cos = torch.einsum("tk,hkj->htj", angles.cos(), self.cos_coef.float())  # (H, T, d_out)
+        sin = torch.einsum("tk,hkj->htj", angles.sin(), self.sin_coef.float())
+        n_pad = self.head_dim // 2 - self.n_slots
+        pad = cos.new_full((self.n_heads, positions.numel(), n_pad), self.pad_value)
+        return torch.cat((cos, pad), -1) * factor, torch.cat((sin, pad), -1) * factor
+
+    def transfer_state(self, state, *, expand=False):
+        """Copy coefficients saved at another length into the top-left corner of this module's tensors.
+
+        New entries are zero, or keep this module's fresh initialisation with `expand`. Zero output columns
+        turn pairs that were trained as pad-value channels into c = s = 0, so that case warns.
+        """
+        notes = []
+        for coef_name in ("cos_coef", "sin_coef"):
+            source = state[coef_name]
+            target = getattr(self, coef_name)
+            if source.shape == target.shape:
+                with torch.no_grad():
+                    target.copy_(source)
+                continue
+            n_freqs, n_slots = min(source.shape[1], target.shape[1]), min(source.shape[2], target.shape[2])
+            with torch.no_grad():
+                if not expand:
+                    target.zero_()
+                target[:, :n_freqs, :n_slots] = source[:, :n_freqs, :n_slots].to(target)
+            notes.append(f"{coef_name}: copied {tuple(source.shape)} into the corner of {tuple(target.shape)}")
+            if not expand and target.shape[2] > source.shape[2]:
+                notes.append(
+                    f"{coef_name}: output slots {source.shape[2]}..{target.shape[2] - 1} are zero-filled, so those "
+                    f"pairs (trained with pad value {self.pad_value:g}) now get c = s = 0; use expand to initialise them"
+                )
+        self._cache = None
+        for note in notes:
+            if "zero-filled" in note:
+                warnings.warn(note, stacklevel=2)
+        return notes
+
+    def extra_repr(self) -> str:
+        parts = [f"K={self.n_freqs}", f"d_out={self.n_slots}", f"sigma={self.sigma:g}", f"pad={self.pad_value:g}"]
+        parts += ["learnable" if self.learnable else "frozen"]
+        if self.yarn.active:
+            parts.append(self.yarn.describe())
+        return ", ".join(parts)

@@ -1,0 +1,88 @@
+"""The on-disk format of a prepared dataset, shared by the writer (`prepare`) and the reader (`TokenData`).
+
+A prepared dir holds flat token shards `<split>_00000.bin, ...` (raw uint16 or uint32 ids; the documents of a
+split joined with an EOS after each), the tokenizer that made them in `tokenizer/`, and `metadata.json`,
+which is written last: a dir with a metadata.json is complete.
+"""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from fope_lm.errors import DataError
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "validation")
+
+
+def shard_file(split: str, index: int) -> str:
+    return f"{split}_{index:05d}.bin"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds ids 0 .. vocab_size - 1."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def sha256_file(path: Path, block_bytes: int = 2**23) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(block_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def compute_fingerprint(metadata: dict) -> str:
+    """sha256 over the tokenizer's hash and every shard's hash, in split and shard order.
+
+    The embedded corpus is a function of the Python version, so that version is part of its fingerprint too.
+    """
+    digest = hashlib.sha256(metadata["tokenizer"]["sha256"].encode())
+    if python := metadata["source"].get("python"):
+        digest.update(python.encode())
+    for split in SPLITS:
+        for shard in metadata["splits"][split]["shards"]:
+            digest.update(f"{shard['file']}:{shard['sha256']}".encode())
+    return digest.hexdigest()
+
+
+def is_prepared(data_dir: Path) -> bool:
+    return (Path(data_dir) / METADATA_FILE).is_file()
+
+
+def prepare_command(data_dir: Path, name: str | None = None, overwrite: bool = False) -> str:
+    """The command that (re)builds `data_dir`, for error messages."""
+    data_dir = Path(data_dir)
+    name = name or re.sub(r"-py\d+\.\d+\.\d+$", "", data_dir.name)  # embedded dirs carry the Python version
+    return f"python scripts/prepare_data.py {name} root={data_dir.parent}" + (" --overwrite" if overwrite else "")
+
+
+def read_metadata(data_dir: Path) -> dict:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"no prepared data at {data_dir} (no such directory): run `{prepare_command(data_dir)}`")
+    path = data_dir / METADATA_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{data_dir} has no {METADATA_FILE} (empty, or not a prepared dataset): run `{prepare_command(data_dir)}`"
+        )
+    try:
+        metadata = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        fix = prepare_command(data_dir, overwrite=True)
+        raise DataError(f"{path} is not valid JSON ({err}): run `{fix}`") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path} has format_version {metadata.get('format_version')}, this code reads {FORMAT_VERSION}: "
+            f"run `{prepare_command(data_dir, metadata.get('name'), overwrite=True)}`"
+        )
+    return metadata
+
+
+def write_metadata(data_dir: Path, metadata: dict) -> None:
+    (Path(data_dir) / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

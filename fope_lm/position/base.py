@@ -47,6 +47,15 @@ class PositionEncoding(nn.Module):
         """Per-head ALiBi slopes when the bias is exactly ALiBi's (flash-attn computes it in-kernel)."""
         return None
 
+    # --- what analysis asks for ----------------------------------------------------------------------
+    def rotary_frequencies(self, dynamic_len: int | None = None) -> torch.Tensor:
+        """The angular frequencies (radians per token, float32, highest first) that q and k are rotated by.
+
+        Position-free (zero-frequency) pairs are left out; empty when nothing rotates (NoPE, bias methods).
+        Used by analysis (e.g. `fope_lm.spectrum`) to mark a method's own frequencies, never by the model.
+        """
+        return torch.empty(0, dtype=torch.float32, device="cpu")
+
     # --- lifecycle ---------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """(Re)initialise random state; called by the model's init, including after meta-device builds."""

@@ -1,11 +1,18 @@
-"""FoPE (Hua et al. 2025), exactly as the paper's official code computes it.
+"""FoPE (Hua et al. 2025), exactly as the paper's official code computes it, plus its ablation switches.
 
 Each attention head treats every kept RoPE frequency as a Fourier series over all kept frequencies:
   c_{h,j}(t) = sum_k cos(w_k t) C_cos[h,k,j],   s_{h,j}(t) = sum_k sin(w_k t) C_sin[h,k,j]
 for the first d_out = min(K, head_dim/4) pairs; the remaining pairs get c = s = pad_value (1 in the
 official code: position-free channels with a 2x logit weight). Frequencies with a period longer than the
 training length (w < 2*pi/L) are clipped to zero and dropped. The coefficients are random (Xavier +
-identity/step-identity) and frozen by default, so the (H, T, head_dim/2) tables are cached like RoPE's.
+identity/step-identity E) and frozen by default, so the (H, T, head_dim/2) tables are cached like RoPE's.
+
+Ablations (defaults = the official method; configs/pe/fope_*.yaml):
+  clip=False      keep and mix every RoPE frequency, K = head_dim/2 (no floor at 2*pi/L);
+  mix=False       C_cos = C_sin = E exactly (no random mixing); padding and slot cap unchanged;
+  slot_cap=False  d_out = K Fourier slots instead of min(K, head_dim/4);
+  learnable=True  train the coefficients (Parameters, no table cache);
+  pad_value=0     zero the pairs beyond the slots instead of c = s = 1.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ class FourierPositionEncoding(RotaryEncoding):
         sigma: float = 0.3,
         pad_value: float = 1.0,
         learnable: bool = False,
+        clip: bool = True,
+        mix: bool = True,
+        slot_cap: bool = True,
         scale: float = 1.0,
         original_max_seq_len: int | None = None,
         dynamic: bool = False,
@@ -58,6 +68,7 @@ class FourierPositionEncoding(RotaryEncoding):
         self.sigma = float(sigma)
         self.pad_value = float(pad_value)
         self.learnable = bool(learnable)
+        self.clip, self.mix, self.slot_cap = bool(clip), bool(mix), bool(slot_cap)
         self.yarn = YarnScaling(
             scale=scale,
             original_max_seq_len=original_max_seq_len or self.max_seq_len,
@@ -66,8 +77,8 @@ class FourierPositionEncoding(RotaryEncoding):
             beta_fast=beta_fast,
             beta_slow=beta_slow,
         )
-        self.n_freqs = kept_frequencies(self.head_dim, self.theta, self.max_seq_len).numel()  # K
-        self.n_slots = min(self.n_freqs, self.head_dim // 4)  # d_out
+        self.n_freqs = self.base_frequencies().numel()  # K
+        self.n_slots = min(self.n_freqs, self.head_dim // 4) if self.slot_cap else self.n_freqs  # d_out
         shape = (self.n_heads, self.n_freqs, self.n_slots)
         for coef_name in ("cos_coef", "sin_coef"):
             coef = torch.empty(shape)
@@ -81,16 +92,28 @@ class FourierPositionEncoding(RotaryEncoding):
         eye = step_eye(self.n_freqs, self.n_slots)
         with torch.no_grad():
             for coef in (self.cos_coef, self.sin_coef):  # independent draws per tensor and per layer
-                nn.init.xavier_normal_(coef, gain=self.sigma)
-                coef.add_(eye.to(coef.device))
+                if self.mix:
+                    nn.init.xavier_normal_(coef, gain=self.sigma)
+                    coef.add_(eye.to(coef.device))
+                else:
+                    coef.copy_(eye.to(coef.device))
         self._cache = None
 
+    def base_frequencies(self) -> torch.Tensor:
+        """The K frequencies w_k the Fourier series run over: RoPE's above the floor 2*pi/L, or all of them."""
+        if self.clip:
+            return kept_frequencies(self.head_dim, self.theta, self.max_seq_len)
+        return rope_inv_freq(self.head_dim, self.theta)
+
     def frequencies(self, dynamic_len: int | None = None) -> tuple[torch.Tensor, float]:
-        """The K kept frequencies (YaRN-rescaled when active; the floor always uses L) and the table factor."""
-        freqs = kept_frequencies(self.head_dim, self.theta, self.max_seq_len)
+        """The K frequencies (YaRN-rescaled when active; the floor, if clipping, uses L) and the table factor."""
+        freqs = self.base_frequencies()
         if not self.yarn.active:
             return freqs, 1.0
         return self.yarn.apply(freqs, self.head_dim, self.theta, self.yarn.effective_scale(dynamic_len))
+
+    def rotary_frequencies(self, dynamic_len=None):
+        return self.frequencies(dynamic_len)[0]
 
     def table_key(self, dynamic_len):
         if self.learnable:
@@ -143,6 +166,8 @@ class FourierPositionEncoding(RotaryEncoding):
     def extra_repr(self) -> str:
         parts = [f"K={self.n_freqs}", f"d_out={self.n_slots}", f"sigma={self.sigma:g}", f"pad={self.pad_value:g}"]
         parts += ["learnable" if self.learnable else "frozen"]
+        switches = {"clip": self.clip, "mix": self.mix, "slot-cap": self.slot_cap}
+        parts += [f"no-{name}" for name, on in switches.items() if not on]  # ablations
         if self.yarn.active:
             parts.append(self.yarn.describe())
         return ", ".join(parts)

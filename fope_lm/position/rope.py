@@ -14,6 +14,10 @@ class RotaryPositionEncoding(RotaryEncoding):
     def attention_factor(self, dynamic_len: int | None = None) -> float:
         return 1.0
 
+    def rotary_frequencies(self, dynamic_len=None):
+        freqs = self.inv_freq(dynamic_len)
+        return freqs[freqs > 0]  # zero-frequency pairs (cos 1, sin 0) carry no position
+
     def build_table(self, positions, dynamic_len):
         angles = torch.outer(positions, self.inv_freq(dynamic_len).to(positions.device))  # (T, D/2)
         factor = self.attention_factor(dynamic_len)

@@ -1,0 +1,24 @@
+"""RoPE with FoPE's frequency clipping and nothing else: the control that separates clipping from mixing.
+
+Every RoPE frequency below the floor, w_i < 2*pi/L (strictly: a period longer than the training length L,
+so training never shows a full cycle of it), becomes zero frequency: cos 1, sin 0, so that pair is
+position-free with weight 1 (NoPE on those channels). The kept pairs are plain RoPE: every kept frequency
+is used, unmixed, with weight 1. FoPE keeps the same K frequencies but mixes them and pads differently.
+"""
+
+from fope_lm.position.fope import kept_frequencies
+from fope_lm.position.registry import register
+from fope_lm.position.rope import RotaryPositionEncoding
+
+
+@register("rope_clip")
+class ClippedRotaryPositionEncoding(RotaryPositionEncoding):
+    def inv_freq(self, dynamic_len=None):
+        freqs = super().inv_freq(dynamic_len)  # w_i = theta^(-2i/d_h), highest first
+        n_kept = kept_frequencies(self.head_dim, self.theta, self.max_seq_len).numel()  # FoPE's K
+        freqs[n_kept:] = 0.0  # zero frequency: t * 0 = 0 at every position
+        return freqs
+
+    def extra_repr(self) -> str:
+        n_kept = self.rotary_frequencies().numel()
+        return f"kept {n_kept}/{self.head_dim // 2} pairs (w >= 2*pi/{self.max_seq_len})"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -115,3 +117,134 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu", **c
         raise CheckpointError(f"checkpoint {directory} cannot be built: {exc}") from None
     load_weights(model, state, directory)
     return model.to(device)
+
+
+# --- training checkpoints: <run_dir>/checkpoints/step_NNNNNN, each published whole ------------------------
+# A checkpoint is written into `step_NNNNNN.tmp`, its files fsynced, a COMPLETE marker added last, and the
+# directory renamed: a reader never sees a half-written `step_NNNNNN`, and a crash leaves only a `.tmp` behind.
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+STAGING_SUFFIX = ".tmp"
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:06d}"
+
+
+def checkpoint_step(directory: str | Path) -> int:
+    match = _STEP_DIR.fullmatch(Path(directory).name.removesuffix(STAGING_SUFFIX))
+    if match is None:
+        raise CheckpointError(f"{directory} is not a step_NNNNNN checkpoint directory")
+    return int(match.group(1))
+
+
+def is_complete(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return _STEP_DIR.fullmatch(directory.name) is not None and (directory / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    found = [path for path in root.iterdir() if is_complete(path)] if root.is_dir() else []
+    return sorted(found, key=checkpoint_step)
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (half-written ones never count), or None."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint given its own directory, or its run's directory (then the newest complete one). A directory
+    that `save_model` wrote outside a run (no marker) counts too: it has weights, if no training state."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    if (path / CONFIG_FILE).is_file() and not path.name.endswith(STAGING_SUFFIX):
+        return path
+    raise CheckpointError(f"{path} is neither a complete checkpoint nor a run directory with one")
+
+
+def staging_dir(final: Path) -> Path:
+    return final.with_name(final.name + STAGING_SUFFIX)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_checkpoint(staging: Path, final: Path) -> None:
+    """fsync the staged files, add the completion marker, rename staging -> final (atomic), fsync the parent."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    (staging / COMPLETE_MARKER).write_text(f"{checkpoint_step(final)}\n")
+    _fsync(staging / COMPLETE_MARKER)
+    _fsync(staging)
+    if final.exists():  # an older trajectory's checkpoint of the same step
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync(final.parent)
+
+
+def remove_checkpoints_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Delete this run's checkpoints (complete or half-written) of steps after `step`: when a run restarts from
+    `step`, later ones belong to a trajectory it abandons, and `resume=auto` must never pick them."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    removed = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if _STEP_DIR.fullmatch(path.name.removesuffix(STAGING_SUFFIX)) and (
+            checkpoint_step(path) > step or path.name.endswith(STAGING_SUFFIX)
+        ):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> None:
+    if keep_last is None:
+        return
+    for path in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(path)
+
+
+def transfer_weights(model: Transformer, directory: str | Path, *, expand: bool = False) -> list[str]:
+    """Start `model` from the weights of a checkpoint trained with another PE or length (`init_from`).
+
+    Every non-PE tensor must exist with the same shape (CheckpointError naming those that do not); each layer's
+    PE state goes through that layer's `transfer_state`. Returns the notes to log, one per distinct note.
+    """
+    source_pe = read_model_config(directory).pe
+    state = load_state_dict(directory)
+    module_names = {id(module): name for name, module in model.named_modules()}
+    prefixes = [module_names[id(pe)] + "." for pe in model.position_encodings()]
+    own = model.state_dict()
+    is_pe = lambda key: key.startswith(tuple(prefixes))  # noqa: E731
+    load_weights(model, {k: v for k, v in state.items() if not is_pe(k)} | {k: v for k, v in own.items() if is_pe(k)}, directory)
+
+    layers_by_note: dict[str, list[int]] = {}
+    for layer, (prefix, pe) in enumerate(zip(prefixes, model.position_encodings())):
+        pe_state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        if not pe_state:
+            if pe.state_dict():
+                layers_by_note.setdefault(f"{source_pe} has no state to carry: {pe.name} keeps its fresh init", []).append(layer)
+            continue
+        try:
+            notes = pe.transfer_state(pe_state, expand=expand)
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"cannot carry layer {layer}'s {source_pe} state from {directory} into {pe.name}: {exc}"
+            ) from None
+        for note in notes:
+            layers_by_note.setdefault(note, []).append(layer)
+    return [f"{note} (layers {', '.join(map(str, layers))})" for note, layers in layers_by_note.items()]

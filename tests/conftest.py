@@ -18,3 +18,17 @@ FIXTURES_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "fixtures", "f
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def embedded_data_root(tmp_path_factory):
+    """A data root holding the embedded corpus, prepared once per test session (a few seconds)."""
+    from hydra import compose, initialize_config_dir
+
+    from fope_lm.data import DataConfig, ensure_prepared
+
+    root = tmp_path_factory.mktemp("data")
+    with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "configs"), version_base="1.3"):
+        defaults = compose("train").data
+    ensure_prepared(DataConfig.from_cfg({**defaults, "root": str(root)}))
+    return root

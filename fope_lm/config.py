@@ -1,0 +1,232 @@
+"""The training config's schema: dataclasses that the composed Hydra config is merged into and checked against
+before anything is built, so a typo, a wrong type or an impossible value is a one-line error.
+
+The dataclasses hold types and checks; the values live in configs/train.yaml (and its groups), so every default
+is written once. `validated` and `build_model_config` are shared with the other entry points (eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional, TypeVar
+
+import torch
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from fope_lm.errors import ConfigError
+from fope_lm.model import ModelConfig, Transformer, preset_config
+
+T = TypeVar("T")
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 where the device supports it (CUDA with bf16), else fp32
+    bf16 = "bf16"  # autocast to bf16 (DeepSpeed: bf16 weights with fp32 master weights)
+    fp32 = "fp32"
+    no = "no"  # accelerate's name for fp32
+
+
+class OnNonFinite(Enum):
+    stop = "stop"  # exit with an error, no checkpoint of the bad step
+    skip = "skip"  # drop the step's update and go on (not with DeepSpeed, which steps inside backward)
+
+
+class WandbMode(Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelSection:
+    """A preset of fope_lm.model.PRESETS; every other field, when set, overrides it (null: the preset's value,
+    or ModelConfig's default). vocab_size null: the data's tokenizer size."""
+
+    preset: str = MISSING
+    d_model: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    vocab_size: Optional[int] = None
+    mlp_ratio: Optional[int] = None
+    tie_embeddings: Optional[bool] = None
+    norm_eps: Optional[float] = None
+    init_std: Optional[float] = None
+    rope_theta: Optional[float] = None
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+
+
+@dataclass
+class TrainSection:
+    seq_len: int = MISSING
+    global_batch_size: int = MISSING
+    global_batch_tokens: Optional[int] = None
+    micro_batch_size: int = MISSING
+    max_steps: int = MISSING
+    max_tokens: Optional[int] = None
+    precision: Precision = MISSING
+    grad_clip: Optional[float] = MISSING
+    loss_chunk_size: Optional[int] = None
+    on_nonfinite: OnNonFinite = MISSING
+    log_interval: int = MISSING
+    eval_interval: int = MISSING
+    eval_tokens: int = MISSING
+    eval_hooks: Dict[str, Any] = MISSING
+    save_interval: int = MISSING
+    keep_last: Optional[int] = MISSING
+    stop_file: Optional[str] = None
+    deepspeed: Optional[str] = None
+    deterministic: bool = MISSING
+    num_threads: Optional[int] = None
+    peak_tflops: Optional[float] = None
+
+    def __post_init__(self):
+        positive = ("seq_len", "global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "save_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("global_batch_tokens", "max_tokens", "loss_chunk_size", "keep_last", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{name} must be positive or null, got {value}")
+        if self.max_steps < 0:
+            raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
+        if self.global_batch_tokens is not None:  # a token budget per step takes precedence over sequences
+            if self.global_batch_tokens % self.seq_len:
+                raise ConfigError(
+                    f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of train.seq_len={self.seq_len}"
+                )
+            self.global_batch_size = self.global_batch_tokens // self.seq_len
+        if self.max_tokens is not None:  # a token budget for the run takes precedence over max_steps
+            self.max_steps = math.ceil(self.max_tokens / (self.global_batch_size * self.seq_len))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+@dataclass
+class OptimSection:
+    """AdamW with OLMo's defaults, linear warmup, cosine decay to alpha_f * lr at max_steps."""
+
+    lr: float = MISSING
+    betas: List[float] = MISSING
+    eps: float = MISSING
+    weight_decay: float = MISSING
+    decay_norms: bool = MISSING
+    decay_embeddings: bool = MISSING
+    warmup_steps: int = MISSING
+    alpha_f: float = MISSING
+
+    def __post_init__(self):
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas needs two values, got {self.betas}")
+        if self.warmup_steps < 0 or not 0 <= self.alpha_f <= 1:
+            raise ConfigError(f"optim.warmup_steps must be >= 0 and optim.alpha_f in [0, 1], got {self.warmup_steps}, {self.alpha_f}")
+
+
+@dataclass
+class WandbSection:
+    project: str = MISSING
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = MISSING
+    mode: Optional[WandbMode] = None  # null: online when an API key is configured, else offline
+
+
+@dataclass
+class TrainConfig:
+    run_root: str = MISSING
+    run_name: str = MISSING
+    seed: int = MISSING
+    resume: Optional[str] = None  # null: a new run; "auto": the newest complete checkpoint of this run; or a path
+    overwrite: bool = MISSING  # let a new run (resume=null) replace a run dir that has checkpoints
+    init_from: Optional[str] = None  # a checkpoint whose weights start a new run (PE and length may differ)
+    init_expand: bool = MISSING  # init_from: keep fresh values where a PE tensor grew (else zeros)
+    model: ModelSection = MISSING
+    pe: Dict[str, Any] = MISSING  # {name: <registered PE>, **its options}
+    data: Any = MISSING  # the data group; validated by fope_lm.data.DataConfig
+    train: TrainSection = MISSING
+    optim: OptimSection = MISSING
+    wandb: WandbSection = MISSING
+
+    def __post_init__(self):
+        if not isinstance(self.pe, Mapping) or "name" not in self.pe:
+            raise ConfigError("pe needs a name, e.g. +pe=fope or pe.name=rope")
+
+
+def validated(schema: type[T], cfg: DictConfig | Mapping) -> T:
+    """`cfg` merged into the dataclass `schema` (interpolations resolved), as an instance of it.
+
+    Unknown keys, wrong types, missing values and failed checks raise a one-line ConfigError naming the key.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as exc:
+        valid = sorted(f.name for f in dataclasses.fields(exc.object_type)) if dataclasses.is_dataclass(exc.object_type) else []
+        hint = f"; valid keys: {', '.join(valid)}" if valid else ""
+        raise ConfigError(f"unknown config key {exc.full_key}{hint}") from None
+    except OmegaConfBaseException as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config {exc.full_key}: {first_line}") from None
+
+
+def to_yaml(config: Any) -> str:
+    """A validated config (dataclass instance) as YAML, as recorded in run dirs and checkpoints."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_container(config: Any) -> dict:
+    """A validated config as plain JSON-able containers (enums by name)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
+
+
+def build_model_config(model: ModelSection, pe: Mapping, *, max_seq_len: int, default_vocab_size: int) -> ModelConfig:
+    """The ModelConfig a config describes (vocab_size: the model section's, else `default_vocab_size`, the
+    tokenizer's), checked by building it on the meta device (no memory, no compute), so an unknown preset or PE,
+    a PE option it does not take or a bad shape fails before anything runs."""
+    pe_options = {k: v for k, v in pe.items() if k != "name"}
+    overrides = {"vocab_size": default_vocab_size, **model.overrides(), "max_seq_len": max_seq_len}
+    config = preset_config(model.preset, pe=pe["name"], pe_options=pe_options, **overrides)
+    try:
+        with torch.device("meta"):
+            Transformer(config)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:  # a PE constructor rejecting a value, e.g. yarn scale < 1
+        raise ConfigError(f"pe {pe['name']} with options {pe_options}: {exc}") from None
+    return config
+
+
+def check_command_line(config_dir: str, config_name: str, argv: list[str]) -> None:
+    """Compose the config once before Hydra does, so that an unknown group option (`model=huge`, `+pe=nosuch`)
+    or key (`train.bogus=1`) is a one-line error instead of Hydra's multi-line report. Command lines with Hydra
+    flags (--multirun, --help, --cfg, ...) are left to Hydra."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name, overrides=argv)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(hydra_error_line(exc)) from None
+
+
+def hydra_error_line(exc: Exception) -> str:
+    """Hydra's message in one line: "Could not find 'model/huge'; available options in 'model': 150m, ..."."""
+    text = str(exc).split("Config search path")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Available options"):
+            return "; ".join(lines[:i]) + f"; {line[0].lower()}{line[1:]} " + ", ".join(lines[i + 1 :])
+    return "; ".join(line for line in lines if not line.startswith(("full_key:", "object_type=")))

@@ -1,0 +1,182 @@
+"""What a run reports: throughput and MFU, peak memory, metrics.jsonl, and the wandb run.
+
+MFU (model FLOPs utilisation) = achieved training FLOP/s per device / the device's peak dense bf16 FLOP/s,
+with achieved FLOP/s = tokens/s per device * Transformer.flops_per_token(seq_len), i.e. 6N + 12 * n_layers *
+d_model * T per token (PaLM's estimate: forward + backward, attention included, no recomputation counted).
+fp32 runs are measured against the same bf16 peak, so their MFU reads low by design.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import netrc
+import os
+import re
+import resource
+import secrets
+from pathlib import Path
+
+import torch
+
+from fope_lm.config import WandbMode, WandbSection
+
+log = logging.getLogger(__name__)
+
+# Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOP/s from NVIDIA's datasheets, keyed by the words of
+# torch.cuda.get_device_name() that identify the part; the first entry whose words all appear wins, so
+# variants come before their base name. V100 and T4 have no bf16: their fp16 peak is listed.
+PEAK_BF16_TFLOPS: list[tuple[tuple[str, ...], float]] = [
+    (("H100", "NVL"), 835.0),
+    (("H100", "PCIE"), 756.0),
+    (("H100",), 989.0),  # SXM
+    (("H200", "NVL"), 836.0),
+    (("H200",), 989.0),  # SXM
+    (("GH200",), 989.0),
+    (("B200",), 2250.0),
+    (("A100",), 312.0),
+    (("A800",), 312.0),
+    (("A10G",), 125.0),
+    (("A10",), 125.0),
+    (("A30",), 165.0),
+    (("A40",), 149.7),
+    (("L40S",), 362.0),
+    (("L40",), 181.0),
+    (("L4",), 121.0),
+    (("V100",), 125.0),
+    (("T4",), 65.0),
+    (("RTX", "A6000"), 154.8),
+    (("RTX", "4090"), 165.2),  # fp32 accumulate (GeForce runs bf16 with fp16 accumulate at twice this)
+    (("RTX", "3090"), 71.0),
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a GPU by its name, or None when the table does not know it."""
+    words = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if all(word in words for word in key):
+            return tflops * 1e12
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory on a CUDA device; peak resident memory of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Throughput:
+    """Tokens per second per device and MFU over the steps since the last report."""
+
+    def __init__(self, tokens_per_step_per_device: int, flops_per_token: float, peak: float | None):
+        self.tokens_per_step = tokens_per_step_per_device
+        self.flops_per_token = flops_per_token
+        self.peak = peak
+        self.steps, self.seconds = 0, 0.0
+
+    def add_step(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+    def report(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        tokens_per_s = self.steps * self.tokens_per_step / self.seconds
+        metrics = {"perf/tokens_per_s_per_device": tokens_per_s, "perf/step_seconds": self.seconds / self.steps}
+        if self.peak:
+            metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / self.peak
+        self.steps, self.seconds = 0, 0.0
+        return metrics
+
+
+class MetricsFile:
+    """`metrics.jsonl`: one JSON object per logged step, appended and flushed as it happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def keep_until(self, step: int) -> None:
+        """Drop records after `step`: a resumed run rewrites the steps it repeats, so the file is one trajectory."""
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+# --- wandb -------------------------------------------------------------------------------------------
+WANDB_ID_FILE = "wandb_id"
+
+
+def has_wandb_credentials() -> bool:
+    """An API key in the environment or a `wandb login` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(configured: WandbMode | None) -> str:
+    """The configured mode, else WANDB_MODE, else online with credentials and offline without (never a login prompt)."""
+    if configured is not None:
+        return configured.value
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if has_wandb_credentials() else "offline"
+
+
+def wandb_run_id(run_dir: Path, run_name: str, *, new: bool = False) -> str:
+    """The run's wandb id: the one stored in the run dir, so resumes and requeues log to the same run, else one
+    derived from the run name and dir. `new` (a run that replaces an old one in the same dir) adds a random suffix.
+    """
+    stored = run_dir / WANDB_ID_FILE
+    if stored.is_file() and not new:
+        return stored.read_text().strip()
+    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:48] + "-" + digest
+    return run_id + "-" + secrets.token_hex(3) if new else run_id
+
+
+def start_wandb(section: WandbSection, *, run_dir: Path, run_name: str, config: dict, new_id: bool = False):
+    """A wandb run (rank 0 only), or None when disabled. Online failures fall back to offline, never a crash."""
+    mode = wandb_mode(section.mode)
+    if mode == "disabled":
+        return None
+    import wandb  # imported here: slow, and not needed with wandb disabled
+
+    run_id = wandb_run_id(run_dir, run_name, new=new_id)
+    (run_dir / WANDB_ID_FILE).write_text(run_id + "\n")
+    kwargs = dict(
+        project=section.project,
+        entity=section.entity,
+        name=section.name or run_name,
+        group=section.group,
+        tags=list(section.tags),
+        config=config,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        settings=wandb.Settings(init_timeout=120),
+    )
+    try:
+        return wandb.init(mode=mode, **kwargs)
+    except Exception as exc:  # network, auth or service errors: keep training, log locally
+        if mode != "online":
+            raise
+        log.warning("wandb online init failed (%s); logging offline instead (sync later with `wandb sync`)", exc)
+        return wandb.init(mode="offline", **kwargs)

@@ -1,0 +1,423 @@
+"""The trainer end to end on CPU: real `train.py` launches (1 and 2 processes, DDP and DeepSpeed ZeRO-2) on the
+embedded corpus with the tiny model, checked through what a run leaves behind (metrics.jsonl, checkpoints,
+digests). Faults are injected deterministically (FOPE_FAULT), so no test waits on wall time.
+
+Launches are few and each checks several things; config errors are checked in-process through `plan`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from hydra import compose, initialize_config_dir
+
+from fope_lm.checkpoint import find_latest_checkpoint, list_checkpoints, load_state_dict, transfer_weights
+from fope_lm.config import WandbMode
+from fope_lm.distributed import fill_deepspeed_config
+from fope_lm.errors import CheckpointError, ConfigError, DataError
+from fope_lm.faults import tensor_digest
+from fope_lm.metrics import peak_flops, read_metrics, wandb_mode, wandb_run_id
+from fope_lm.optim import learning_rate, parameter_groups
+from fope_lm.train import plan
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT = 600  # generous: the CPU is shared with other test runs; DeepSpeed JIT-compiles once (~1-2 min)
+
+# The tiny model at L=32, 8 sequences per step, every step logged, bitwise-deterministic on CPU.
+TINY = [
+    "model=tiny",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.log_interval=1",
+    "train.eval_interval=6",
+    "train.eval_tokens=2048",
+    "train.num_threads=1",
+    "train.deterministic=true",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=3",
+    "wandb.mode=disabled",
+]
+
+
+@pytest.fixture(scope="session")
+def data_root(embedded_data_root) -> Path:
+    """The embedded corpus, prepared once per session (tests/conftest.py)."""
+    return embedded_data_root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args, *, data_root, runs, processes=1, deepspeed=False, fault=None, digests=False, expect_rc=0):
+    """Run train.py (python for one process; accelerate launch for two) and return the finished process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FOPE_", "WANDB_", "ACCELERATE_"))}
+    env |= {
+        "FOPE_DATA_ROOT": str(data_root),
+        "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "tests"))),  # tests/: for probe_hook
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+    }
+    if fault:
+        env["FOPE_FAULT"] = fault
+    if digests:
+        env["FOPE_DEBUG_DIGESTS"] = "1"
+    if processes == 1:
+        command = [sys.executable, "train.py"]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+        command += ["--main_process_port", str(free_port())]
+        if deepspeed:  # DeepSpeed needs accelerate's non-CPU path; it runs on CPU with gloo (fope_lm.distributed)
+            command += ["--config_file", "configs/accelerate/zero2.yaml"]
+        else:
+            env["ACCELERATE_USE_CPU"] = "true"
+            command += ["--multi_gpu", "--num_machines", "1"]
+        command += ["train.py"]
+    command += [f"run_root={runs}", *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    output = result.stdout + result.stderr
+    if expect_rc == "nonzero":
+        assert result.returncode != 0, output[-4000:]
+    else:
+        assert result.returncode == expect_rc, output[-6000:]
+    result.output = output
+    return result
+
+
+def trajectory(run_dir: Path) -> list[tuple]:
+    """What must be identical between a straight run and an interrupted-and-resumed one."""
+    return [(r["step"], r.get("train/loss"), r.get("train/grad_norm"), r.get("val/loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    state_a, state_b = load_state_dict(a), load_state_dict(b)
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+
+
+def digests(run_dir: Path, rank: int) -> dict:
+    return json.loads((run_dir / "debug" / f"digests_rank{rank}.json").read_text())
+
+
+# --- config and input errors: checked before any compute, one line each -----------------------------------
+@pytest.fixture
+def plan_with(data_root, runs):
+    def make(*overrides):
+        return plan(compose_config([f"run_root={runs}", f"data.root={data_root}", *TINY, *overrides]))
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (["pe.name=nosuch"], ConfigError, ["unknown position encoding 'nosuch'", "fope", "rope", "yarn"]),
+        (["model.preset=huge"], ConfigError, ["unknown model preset 'huge'", "tiny", "60m"]),
+        (["+train.lr=1"], ConfigError, ["unknown config key train.lr", "valid keys", "seq_len"]),
+        (["+pe=fope", "+pe.sigmaa=0.3"], ConfigError, ["no option(s) sigmaa", "sigma"]),
+        (["train.max_steps=many"], ConfigError, ["train.max_steps", "many"]),
+        (["train.precision=fp8"], ConfigError, ["train.precision", "bf16"]),
+        (["train.global_batch_size=6"], ConfigError, ["global_batch_size=6", "micro_batch_size"]),
+        (["model.vocab_size=1000"], DataError, ["vocab_size", "8192"]),
+        (["data=local", "data.name=missing", "data.paths={train:[x.txt]}"], DataError, ["not prepared", "missing"]),
+        (["train.deepspeed=zero9"], ConfigError, ["zero9", "zero2"]),
+        (["+train.eval_hooks.lengths._target_=nosuch.evaluate"], ConfigError, ["train.eval_hooks.lengths", "nosuch"]),
+    ],
+)
+def test_bad_config_fails_fast_with_one_line(plan_with, overrides, error, words):
+    with pytest.raises(error) as info:
+        plan_with(*overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_entry_point_prints_one_line_and_exits_nonzero(data_root, runs):
+    result = launch([*TINY, "pe.name=nosuch"], data_root=data_root, runs=runs, expect_rc=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown position encoding 'nosuch'; choose one of:"), lines
+    assert "Traceback" not in result.output
+    # what Hydra itself rejects (a group option or key that does not exist) is one line too, listing the options
+    for bad, words in (
+        ("model=huge", ["Could not find 'model/huge'", "available options in 'model':", "tiny"]),
+        ("+pe=nosuch", ["Could not find 'pe/nosuch'", "fope", "rope"]),
+        ("train.bogus=1", ["Could not override 'train.bogus'"]),
+    ):
+        result = launch([bad], data_root=data_root, runs=runs, expect_rc=2)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and all(w in lines[0] for w in words), lines
+        assert "Traceback" not in result.output
+
+
+# --- helpers: schedule, parameter groups, DeepSpeed config, MFU table, wandb mode --------------------------
+def test_schedule_warms_up_then_decays_to_the_floor():
+    lr = lambda step: learning_rate(step, peak=1.0, warmup_steps=10, max_steps=110, alpha_f=0.1)  # noqa: E731
+    assert [lr(s) for s in (1, 5, 10)] == [0.1, 0.5, 1.0]
+    assert lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
+
+
+def test_parameter_groups_follow_olmo(plan_with):
+    from fope_lm.model import Transformer
+
+    learnable_fope = plan_with("+pe=fope", "pe.learnable=true")
+    model = Transformer(learnable_fope.model_config)
+    optim = learnable_fope.config.optim
+    decay, no_decay = parameter_groups(model, optim)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    optim.decay_norms = optim.decay_embeddings = True
+    decay, no_decay = parameter_groups(model, optim)  # learnable FoPE coefficients are never decayed
+    assert {id(p) for p in no_decay["params"]} == {id(p) for pe in model.position_encodings() for p in pe.parameters()}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_deepspeed_json_may_not_pin_a_value_the_config_owns(plan_with, tmp_path):
+    train = plan_with().config.train
+    config = fill_deepspeed_config(REPO / "configs/deepspeed/zero2.json", train, grad_accum=2, world_size=4, precision="bf16")
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 32 and config["gradient_clipping"] == 1.0 and config["bf16"]["enabled"] is True
+    pinned = tmp_path / "pinned.json"
+    pinned.write_text(json.dumps({**json.loads((REPO / "configs/deepspeed/zero2.json").read_text()), "gradient_accumulation_steps": 8}))
+    with pytest.raises(ConfigError, match=r"pins gradient_accumulation_steps=8 but .* gives 2"):
+        fill_deepspeed_config(pinned, train, grad_accum=2, world_size=4, precision="bf16")
+
+
+def test_peak_flops_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA A10G") == 125e12 and peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("Tesla V100-SXM2-16GB") == 125e12 and peak_flops("NVIDIA GeForce RTX 4090") == pytest.approx(165.2e12)
+    assert peak_flops("NVIDIA RTX A4000") is None and peak_flops("cpu") is None
+
+
+def test_wandb_is_offline_without_credentials(monkeypatch, tmp_path):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online" and wandb_mode(WandbMode.disabled) == "disabled"
+    assert wandb_run_id(tmp_path, "fope/60m") == wandb_run_id(tmp_path, "fope/60m")  # every rank, every requeue
+    assert wandb_run_id(tmp_path, "fope/60m", new=True) != wandb_run_id(tmp_path, "fope/60m")
+
+
+# --- one process: exact resume through every kind of interruption -----------------------------------------
+@pytest.fixture(scope="module")
+def reference(data_root, runs) -> Path:
+    """12 straight steps of FoPE; checkpoints every 4 steps."""
+    launch([*TINY, "+pe=fope", "run_name=ref", "train.max_steps=12", "train.save_interval=4"], data_root=data_root, runs=runs)
+    return runs / "ref"
+
+
+def test_interrupted_run_resumes_bitwise(reference, data_root, runs):
+    """SIGTERM, a stop file, a SIGKILL inside a checkpoint write and one between steps: every resume continues at
+    the right step and data position, so the per-step losses equal the straight run's bit for bit."""
+    args = [*TINY, "+pe=fope", "run_name=chain", "train.max_steps=12", "train.save_interval=4"]
+    run_dir = runs / "chain"
+    go = lambda fault=None, resume="resume=auto", expect_rc=0: launch(  # noqa: E731
+        [*args, resume], data_root=data_root, runs=runs, fault=fault, expect_rc=expect_rc
+    )
+
+    result = go("sigterm_at_step:3", resume="resume=null")
+    assert "stopped at step 3 (SIGTERM)" in result.output
+    assert find_latest_checkpoint(run_dir).name == "step_000003"
+
+    result = go("stop_file_at_step:5")
+    assert "resumed" in result.output and "at step 3" in result.output
+    assert "stopped at step 5 (stop file" in result.output
+    assert find_latest_checkpoint(run_dir).name == "step_000005"
+    assert not (run_dir / "STOP").exists()  # consumed, so that the next resume does not stop at once
+
+    go("kill_during_save:8", expect_rc=-9)
+    half_written = run_dir / "checkpoints" / "step_000008.tmp"
+    assert (half_written / "model.safetensors").is_file() and not (half_written / "COMPLETE").exists()
+    assert find_latest_checkpoint(run_dir).name == "step_000005"  # never the half-written one
+
+    result = go("kill_after_step:10", expect_rc=-9)
+    assert "at step 5" in result.output and not half_written.exists()
+    assert find_latest_checkpoint(run_dir).name == "step_000008"
+
+    result = go()
+    assert "at step 8" in result.output
+    assert [path.name for path in list_checkpoints(run_dir)] == ["step_000005", "step_000008", "step_000012"]  # keep_last=3
+    assert len(trajectory(reference)) == 12
+    assert trajectory(run_dir) == trajectory(reference)
+    assert_same_weights(run_dir / "checkpoints/step_000012", reference / "checkpoints/step_000012")
+    state = json.loads((run_dir / "checkpoints/step_000012/trainer_state.json").read_text())
+    assert state["step"] == 12 and state["tokens_seen"] == 12 * 8 * 32 and state["data"]["samples_consumed"] == 12 * 8
+
+    # a finished run is not started over by accident
+    with pytest.raises(CheckpointError, match="already has checkpoints"):
+        plan(compose_config([f"run_root={runs}", f"data.root={data_root}", *args]))
+
+
+def test_resume_refuses_a_different_model_or_data(reference, plan_with, tmp_path):
+    checkpoint = reference / "checkpoints" / "step_000012"
+    with pytest.raises(CheckpointError, match=r"pe 'fope' -> 'rope'.*init_from="):
+        plan_with("run_name=other", f"resume={checkpoint}")
+    with pytest.raises(CheckpointError, match=r"d_model 128 -> 64"):
+        plan_with("+pe=fope", "model.d_model=64", "run_name=other", f"resume={checkpoint}")
+    with pytest.raises(CheckpointError, match=r"max_seq_len 32 -> 64"):
+        plan_with("+pe=fope", "train.seq_len=64", "run_name=other", f"resume={checkpoint}")
+    tampered = tmp_path / "step_000012"
+    shutil.copytree(checkpoint, tampered)
+    state = json.loads((tampered / "trainer_state.json").read_text())
+    state["data"]["data_fingerprint"] = "0" * 64
+    (tampered / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        plan_with("+pe=fope", "run_name=other", f"resume={tampered}")
+    assert plan_with("+pe=fope", "run_name=ref", "resume=auto").start_step == 12
+
+
+def probe_hook(model, accelerator, step, scale=1.0):
+    """An eval hook, called the way `train.eval_hooks` entries are (test_nonfinite_loss_and_eval_hooks)."""
+    return {"scaled_step": step * scale, "parameters": accelerator.unwrap_model(model).num_parameters()}
+
+
+def test_nonfinite_loss_and_eval_hooks(data_root, runs):
+    """stop: exit 1 with one line and no checkpoint of the bad step; skip: the step is dropped, training goes on."""
+    args = [*TINY, "train.max_steps=4", "train.save_interval=1"]
+    result = launch([*args, "run_name=nan-stop"], data_root=data_root, runs=runs, fault="nan_loss_at_step:2", expect_rc=1)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: non-finite loss nan")
+    assert [path.name for path in list_checkpoints(runs / "nan-stop")] == ["step_000001"]
+
+    hook = ["+train.eval_hooks.probe._target_=test_train.probe_hook", "+train.eval_hooks.probe.scale=10"]
+    launch([*args, *hook, "run_name=nan-skip", "train.on_nonfinite=skip"], data_root=data_root, runs=runs, fault="nan_loss_at_step:2")
+    records = read_metrics(runs / "nan-skip" / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in records] == [0, 1, 1, 1]
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    assert all(torch.isfinite(t).all() for t in load_state_dict(runs / "nan-skip/checkpoints/step_000004").values())
+    assert records[-1]["eval/probe/scaled_step"] == 40 and records[-1]["eval/probe/parameters"] > 2_000_000
+
+
+# --- init_from: new PE and/or twice the length ----------------------------------------------------------
+def test_init_from_carries_weights_into_new_pe_and_length(reference, data_root, runs):
+    source_fope = reference / "checkpoints" / "step_000012"
+    launch([*TINY, "run_name=rope-src", "train.max_steps=2"], data_root=data_root, runs=runs)
+    source_rope = find_latest_checkpoint(runs / "rope-src")
+    at_2x = ["train.seq_len=64", "train.max_steps=2", "train.eval_interval=2"]
+
+    # RoPE-32 -> YaRN at 64 (scale 2)
+    result = launch(
+        [*TINY, *at_2x, "+pe=yarn", "pe.scale=2", f"init_from={runs / 'rope-src'}", "run_name=yarn-2x"],
+        data_root=data_root,
+        runs=runs,
+        digests=True,
+    )
+    assert "init_from" in result.output
+    start = digests(runs / "yarn-2x", 0)["start"]
+    for name, tensor in load_state_dict(source_rope).items():
+        assert start[name] == tensor_digest(tensor), name
+    assert read_metrics(runs / "yarn-2x" / "metrics.jsonl")[-1]["step"] == 2
+
+    # FoPE-32 -> FoPE at 64: the kept frequencies K and the output slots d_out grow from 3 to 5
+    result = launch(
+        [*TINY, *at_2x, "+pe=fope", f"init_from={source_fope}", "run_name=fope-2x"], data_root=data_root, runs=runs, digests=True
+    )
+    assert "zero-filled" in result.output
+    source = load_state_dict(source_fope)
+    start = digests(runs / "fope-2x", 0)["start"]
+    assert start["blocks.1.mlp.up.weight"] == tensor_digest(source["blocks.1.mlp.up.weight"])
+    assert start["embed.weight"] == tensor_digest(source["embed.weight"])
+    trained = load_state_dict(find_latest_checkpoint(runs / "fope-2x"))  # frozen coefficients: as initialised
+    for layer in range(2):
+        for coef in ("cos_coef", "sin_coef"):
+            old, new = source[f"blocks.{layer}.attn.pe.{coef}"], trained[f"blocks.{layer}.attn.pe.{coef}"]
+            assert old.shape == (4, 3, 3) and new.shape == (4, 5, 5)
+            assert torch.equal(new[:, :3, :3], old)
+            assert not new[:, 3:].any() and not new[:, :, 3:].any()
+    model_config = json.loads((find_latest_checkpoint(runs / "fope-2x") / "model_config.json").read_text())
+    assert model_config["train_seq_len"] == 64 and model_config["pe"] == "fope" and model_config["step"] == 2
+
+
+def test_init_from_refuses_other_shapes(reference):
+    from fope_lm.model import build_model
+
+    with pytest.raises(CheckpointError, match=r"do not fit the model \(shape mismatch embed\.weight \(8192, 128\) vs \(8192, 64\)"):
+        transfer_weights(build_model("tiny", pe="yarn", vocab_size=8192, d_model=64), reference / "checkpoints/step_000012")
+
+
+# --- two processes: DDP and DeepSpeed ZeRO-2 ---------------------------------------------------------------
+DIST = [*TINY, "+pe=fope", "train.micro_batch_size=2", "train.max_steps=24", "train.save_interval=5"]
+
+
+def assert_healthy_distributed_run(run_dir: Path, steps: int) -> list[dict]:
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    losses = [r["train/loss"] for r in records]
+    assert sum(losses[-4:]) / 4 < losses[0] - 1.0, losses  # the loss falls
+    rank0, rank1 = digests(run_dir, 0), digests(run_dir, 1)
+    assert rank0["end"] == rank1["end"]  # both ranks hold the same weights (FoPE buffers included)
+    assert rank0["start"] == rank1["start"]
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no wandb offline run dir"
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["git_sha"] and "torch" in info["packages"]
+    assert "name: fope" in (run_dir / "config.yaml").read_text()
+    return records
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_and_resume_bitwise(data_root, runs):
+    launch([*DIST, "run_name=ddp", "wandb.mode=offline"], data_root=data_root, runs=runs, processes=2, digests=True)
+    records = assert_healthy_distributed_run(runs / "ddp", 24)
+    print(f"DDP loss {records[0]['train/loss']:.4f} -> {records[-1]['train/loss']:.4f}")
+
+    # a SIGTERM to rank 1 alone: all ranks agree to stop and save the same step
+    args = [*DIST, "run_name=ddp-chain"]
+    result = launch(args, data_root=data_root, runs=runs, processes=2, fault="sigterm_at_step:6:1")
+    assert "stopped at step 6" in result.output
+    checkpoint = find_latest_checkpoint(runs / "ddp-chain")
+    assert checkpoint.name == "step_000006" and {p.name for p in checkpoint.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    launch([*args, "resume=auto"], data_root=data_root, runs=runs, processes=2, fault="kill_after_step:13", expect_rc="nonzero")
+    assert find_latest_checkpoint(runs / "ddp-chain").name == "step_000010"
+    launch([*args, "resume=auto"], data_root=data_root, runs=runs, processes=2)
+    assert trajectory(runs / "ddp-chain") == trajectory(runs / "ddp")
+    assert_same_weights(runs / "ddp-chain/checkpoints/step_000024", runs / "ddp/checkpoints/step_000024")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes(data_root, runs):
+    # deterministic=false: torch's deterministic mode makes DeepSpeed's CPU all-reduce ~20x slower; CPU steps are
+    # reproducible at a fixed thread count without it
+    args = [*DIST, "train.max_steps=16", "train.save_interval=8", "train.deterministic=false"]
+    launch([*args, "run_name=zero2", "wandb.mode=offline"], data_root=data_root, runs=runs, processes=2, deepspeed=True, digests=True)
+    run_dir = runs / "zero2"
+    assert_healthy_distributed_run(run_dir, 16)
+    checkpoint = run_dir / "checkpoints" / "step_000008"
+    assert (checkpoint / "deepspeed").is_dir() and not (checkpoint / "optimizer.pt").exists()
+    with safetensors.safe_open(checkpoint / "model.safetensors", "pt") as weights:  # fp32 master weights, whole
+        assert weights.get_tensor("lm_head.weight").dtype == torch.float32
+
+    # continue the step-8 checkpoint in a new run dir: DeepSpeed reloads its sharded optimizer state exactly
+    launch([*args, "run_name=zero2-resumed", f"resume={checkpoint}"], data_root=data_root, runs=runs, processes=2, deepspeed=True)
+    resumed = trajectory(runs / "zero2-resumed")
+    assert [step for step, *_ in resumed] == list(range(9, 17))
+    assert resumed == trajectory(run_dir)[8:]
+    assert_same_weights(runs / "zero2-resumed/checkpoints/step_000016", run_dir / "checkpoints/step_000016")

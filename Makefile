@@ -8,20 +8,24 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 PYTEST_ARGS ?=
+DEMO_STEPS ?= 600
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev,deepspeed]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev,deepspeed,lm_eval]" "$(TORCH_PIN)"
 	touch $@
 
 install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) scripts/demo.py --steps $(DEMO_STEPS)
 
 bench: install
 	$(PY) scripts/bench/pe_overhead.py

@@ -85,6 +85,7 @@ class TrainSection:
     deterministic: bool = MISSING
     num_threads: Optional[int] = None
     peak_tflops: Optional[float] = None
+    compile: bool = MISSING
 
     def __post_init__(self):
         positive = ("seq_len", "global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "save_interval")

@@ -258,6 +258,11 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(train.seq_len)
         self.num_parameters = model.num_parameters()
         model.to(self.device)
+        if train.compile:
+            # AOTAutograd's on-disk cache off: torch 2.13 crashes on a warm hit for graphs that end in views of an
+            # intermediate (q, k, v at the rotary graph break), i.e. on every rerun or resume (docs/benchmarks.md)
+            torch._functorch.config.enable_autograd_cache = False
+            model.compile()  # in place: the same module, parameters and state-dict keys
         optimizer = build_optimizer(model, config.optim)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if self.deepspeed:
@@ -520,6 +525,7 @@ class Trainer:
                     "pe": self.plan.model_config.pe,
                     "train_seq_len": self.config.train.seq_len,
                     "data_fingerprint": self.plan.data.fingerprint,
+                    "data_dir": str(self.plan.data.dir),
                     "step": step,
                     "tokens_seen": self.tokens_seen,
                 },

@@ -37,25 +37,35 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def compare(preset: str, pes: list[str], *, batch: int, seq_len: int, vocab: int, device: torch.device, dtype: str,
+            warmup: int, repeats: int) -> dict:
+    """Median seconds per train step of each PE on the same model shape and batch, interleaved; ratios vs pes[0]."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+    steps = {}
+    for pe in pes:
+        with device:  # initialised where it runs: a 1b model's init on the CPU takes longer than its benchmark
+            model = build_model(preset, pe=pe, vocab_size=vocab, max_seq_len=seq_len)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        steps[pe] = make_train_step(model, lambda m: m(ids[:, :-1], ids[:, 1:]).loss, optimizer, device, dtype)
+    medians = time_interleaved(steps, warmup, repeats)
+    baseline = medians[pes[0]]
+    return {"preset": preset, "batch": batch, "seq_len": seq_len, "dtype": dtype, "device": str(device),
+            "seconds_per_step": medians, "ratio_vs_" + pes[0]: {k: v / baseline for k, v in medians.items()}}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
-    torch.manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
-    steps = {}
-    for pe in args.pes.split(","):
-        model = build_model(args.preset, pe=pe, vocab_size=args.vocab, max_seq_len=args.seq_len).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        steps[pe] = make_train_step(model, lambda m: m(ids[:, :-1], ids[:, 1:]).loss, optimizer, device, args.dtype)
-    medians = time_interleaved(steps, args.warmup, args.repeats)
-    baseline = next(iter(medians.values()))
+    pes = args.pes.split(",")
+    result = compare(args.preset, pes, batch=args.batch, seq_len=args.seq_len, vocab=args.vocab, device=device, dtype=args.dtype,
+                     warmup=args.warmup, repeats=args.repeats)
+    medians, ratios = result["seconds_per_step"], result["ratio_vs_" + pes[0]]
     tokens = args.batch * args.seq_len
     print(f"# {args.preset}, {args.batch} x {args.seq_len} tokens, {args.dtype}, {device} ({platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    rows = [[pe, f"{t * 1000:.1f}", f"{tokens / t:,.0f}", f"{t / baseline:.3f}"] for pe, t in medians.items()]
+    rows = [[pe, f"{t * 1000:.1f}", f"{tokens / t:,.0f}", f"{ratios[pe]:.3f}"] for pe, t in medians.items()]
     print_table(["pe", "ms/step", "tokens/s", "ratio"], rows)
-    result = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype, "device": str(device),
-              "seconds_per_step": medians, "ratio_vs_" + next(iter(medians)): {k: v / baseline for k, v in medians.items()}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

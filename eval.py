@@ -1,0 +1,33 @@
+"""Evaluate a checkpoint: perplexity across context lengths and passkey retrieval (docs/eval.md).
+
+    python eval.py checkpoint=runs/rope-tiny-L128-s0
+    python eval.py checkpoint=runs/rope-tiny-L128-s0/checkpoints/step_000800 yarn.mode=dynamic
+Writes results.json / results.csv / results.md / perplexity.png to output_dir (default <checkpoint>/eval/<label>).
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    # imported after Hydra parsed the command line, so `--help` and config errors come fast
+    from fope_lm import report
+    from fope_lm.config import validated
+    from fope_lm.errors import FopeError
+    from fope_lm.eval_config import EvalConfig
+    from fope_lm.evaluate import run_evaluation
+
+    try:
+        results, paths = run_evaluation(validated(EvalConfig, cfg))
+    except FopeError as err:  # a bad checkpoint, data or setting: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(report.markdown_table(*report.results_table(results)))
+    print(f"wrote {', '.join(str(path) for path in paths.values())}")
+
+
+if __name__ == "__main__":
+    main()

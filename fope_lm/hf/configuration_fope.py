@@ -1,0 +1,22 @@
+"""`transformers` config of an exported fope_lm model: the fields of `fope_lm.model.ModelConfig`, as they are.
+
+The exporter writes every ModelConfig field (d_model, n_layers, n_heads, vocab_size, max_seq_len, mlp_ratio,
+tie_embeddings, norm_eps, init_std, rope_theta, pe, pe_options) into config.json, and the model rebuilds its
+ModelConfig from them, which validates them; nothing is declared twice here. `transformers`' standard names
+(hidden_size, num_hidden_layers, num_attention_heads, tie_word_embeddings) read the fields they stand for.
+
+Evaluation-time settings can be changed at load without touching the weights, as `fope_lm.checkpoint.load_model`
+allows, e.g. `from_pretrained(dir, trust_remote_code=True, pe="yarn", pe_options={"scale": 4.0})` on a RoPE export.
+"""
+
+from transformers import PreTrainedConfig
+
+
+class FopeConfig(PreTrainedConfig):
+    model_type = "fope_lm"
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "tie_word_embeddings": "tie_embeddings",
+    }

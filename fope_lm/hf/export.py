@@ -1,0 +1,223 @@
+"""Export a checkpoint as a self-contained Hugging Face model directory (scripts/export_hf.py; docs/hf_export.md).
+
+    <out>/config.json             FopeConfig: every ModelConfig field (PE and its options) + auto_map
+    <out>/model.safetensors       the Transformer's tensors under `model.` (FoPE coefficients included)
+    <out>/generation_config.json  EOS / pad ids, and the padded vocabulary rows suppressed
+    <out>/configuration_fope.py, modeling_fope.py   this package's files, their fope_lm imports pointed at:
+    <out>/fope_core.py            fope_lm's model sources (model, attention, position/*, generate, errors),
+                                  bundled into one module by `bundle_source` from the installed package
+    <out>/tokenizer files         the checkpoint's data tokenizer, or --tokenizer
+
+The directory needs torch and transformers, not fope_lm: `AutoModelForCausalLM.from_pretrained(out,
+trust_remote_code=True)`. fope_lm stays the one source of truth, since every export regenerates the bundle from it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import pkgutil
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from fope_lm.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, load_model, resolve_checkpoint
+from fope_lm.data.format import TOKENIZER_DIR
+from fope_lm.errors import FopeError
+from fope_lm.hf.configuration_fope import FopeConfig
+from fope_lm.hf.modeling_fope import FopeForCausalLM
+from fope_lm.provenance import git_sha
+from fope_lm.train import RUN_INFO
+
+PACKAGE = "fope_lm"
+SHIPPED = ("configuration_fope", "modeling_fope")  # modules of fope_lm.hf copied into the export
+BUNDLE = "fope_core"  # the module every other fope_lm import of the shipped files resolves to
+
+
+class ExportError(FopeError):
+    """A checkpoint or tokenizer that cannot be exported, or fope_lm source the bundler cannot flatten."""
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None) -> Path:
+    """Write the export of `checkpoint` (a checkpoint dir, or a run dir: its newest checkpoint) into `out_dir`.
+
+    tokenizer: a dir AutoTokenizer loads; default the tokenizer of the data the checkpoint was trained on.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else recorded_tokenizer_dir(checkpoint)
+    if tokenizer_dir is None:
+        raise ExportError(f"{checkpoint} records no training data (no data_dir in its metadata or run_info.json): pass --tokenizer DIR")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load a tokenizer from {tokenizer_dir}: {str(exc).splitlines()[0]}") from None
+    model = load_model(checkpoint)
+    if len(tok) > model.config.vocab_size:
+        raise ExportError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, more than the model's vocab_size {model.config.vocab_size}")
+
+    config = FopeConfig(
+        **model.config.to_dict(),
+        auto_map={"AutoConfig": "configuration_fope.FopeConfig", "AutoModelForCausalLM": "modeling_fope.FopeForCausalLM"},
+    )
+    with torch.device("meta"):
+        hf_model = FopeForCausalLM(config)
+    hf_model.model = model  # the loaded Transformer, weights and all
+    padding_rows = list(range(model.config.vocab_size, model.config.padded_vocab_size))
+    hf_model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        suppress_tokens=padding_rows or None,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    write_code(out_dir)
+    return out_dir
+
+
+def recorded_tokenizer_dir(checkpoint: Path) -> Path | None:
+    """<data_dir>/tokenizer of the data a checkpoint was trained on: `data_dir` from its metadata, else from its
+    run's run_info.json (the checkpoint is <run_dir>/checkpoints/step_N); None when neither records one."""
+    sources = [checkpoint / CONFIG_FILE]
+    if checkpoint.parent.name == CHECKPOINTS_DIR:
+        sources.append(checkpoint.parent.parent / RUN_INFO)
+    for source in sources:
+        if source.is_file():
+            data_dir = json.loads(source.read_text()).get("data_dir")
+            if data_dir:
+                tokenizer_dir = Path(data_dir) / TOKENIZER_DIR
+                if not tokenizer_dir.is_dir():
+                    raise ExportError(f"{source} names data dir {data_dir}, which has no {TOKENIZER_DIR}/: pass --tokenizer DIR")
+                return tokenizer_dir
+    return None
+
+
+# --- the code shipped into an export ---------------------------------------------------------------------
+def write_code(out_dir: Path) -> None:
+    """configuration_fope.py and modeling_fope.py with their fope_lm imports rewritten, and the bundle they import."""
+    entry_points = []
+    for name in SHIPPED:
+        module = f"{PACKAGE}.hf.{name}"
+        (out_dir / f"{name}.py").write_text(ship_module(module))
+        entry_points.append(module)
+    (out_dir / f"{BUNDLE}.py").write_text(bundle_source(entry_points))
+
+
+def ship_module(module: str) -> str:
+    """The source of `module` with `from fope_lm.hf.<shipped> import x` -> `from .<shipped> import x` and every other
+    `from fope_lm... import x` -> `from .fope_core import x`."""
+    source = _source(module)
+    lines = source.splitlines(keepends=True)
+    for node in reversed(_package_imports(module, ast.parse(source))):
+        name = node.module.removeprefix(f"{PACKAGE}.hf.")
+        target = name if name in SHIPPED else BUNDLE
+        names = ", ".join(alias.name for alias in node.names)
+        lines[node.lineno - 1 : node.end_lineno] = [f"from .{target} import {names}\n"]
+    return "".join(lines)
+
+
+def bundle_source(entry_points: list[str]) -> str:
+    """One module holding every fope_lm module that `entry_points` import, transitively, in dependency order, with
+    the imports between them removed (their names now share one namespace). A package import brings all of its
+    modules (fope_lm.position registers each encoding by importing its modules). Raises ExportError when two
+    modules bind one top-level name differently, so flattening never changes what a name means."""
+    order: list[str] = []
+
+    def visit(module: str, stack: tuple[str, ...]) -> None:
+        if module in order or module in _shipped_modules():  # shipped files are imported, not bundled
+            return
+        if module in stack:
+            raise ExportError(f"import cycle {' -> '.join(stack + (module,))}")
+        for dependency in _dependencies(module):
+            visit(dependency, stack + (module,))
+        order.append(module)
+
+    for entry in entry_points:
+        for dependency in _dependencies(entry):
+            visit(dependency, ())
+
+    bound: dict[str, tuple[str, str]] = {}  # top-level name -> (module, what it is bound to)
+    parts = []
+    for module in order:
+        source = _source(module)
+        tree = ast.parse(source)
+        for name, binding in _top_level_bindings(tree):
+            previous = bound.setdefault(name, (module, binding))
+            if previous[1] != binding or (binding == "definition" and previous[0] != module):
+                raise ExportError(f"cannot bundle fope_lm: {name!r} is bound by both {previous[0]} and {module}")
+        lines = source.splitlines(keepends=True)
+        dropped = _package_imports(module, tree) + [
+            node for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "__future__"
+        ]
+        for node in sorted(dropped, key=lambda node: node.lineno, reverse=True):
+            del lines[node.lineno - 1 : node.end_lineno]
+        parts.append(f"# {'-' * 30} {_relative_path(module)} {'-' * 30}\n" + "".join(lines).strip() + "\n")
+    header = (
+        f'"""fope_lm\'s model code, bundled by fope_lm.hf.export (git {git_sha()}) from:\n'
+        + "".join(f"    {_relative_path(module)}\n" for module in order)
+        + 'Generated: edit fope_lm and export again instead."""\n\nfrom __future__ import annotations\n\n'
+    )
+    return header + "\n\n".join(parts)
+
+
+def _shipped_modules() -> set[str]:
+    return {f"{PACKAGE}.hf.{name}" for name in SHIPPED}
+
+
+def _source(module: str) -> str:
+    return Path(importlib.util.find_spec(module).origin).read_text()
+
+
+def _relative_path(module: str) -> str:
+    root = Path(importlib.util.find_spec(PACKAGE).origin).parent.parent
+    return str(Path(importlib.util.find_spec(module).origin).relative_to(root))
+
+
+def _package_imports(module: str, tree: ast.Module) -> list[ast.ImportFrom]:
+    """The `from fope_lm... import name` statements of a module; any other form of importing fope_lm is an error."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(alias.name.split(".")[0] == PACKAGE for alias in node.names):
+            raise ExportError(f"{module}:{node.lineno}: write `from {PACKAGE}.x import name`, which the exporter can bundle")
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == PACKAGE:
+            if node not in tree.body or any(alias.asname or alias.name == "*" for alias in node.names):
+                raise ExportError(f"{module}:{node.lineno}: the exporter bundles only top-level, unaliased {PACKAGE} imports")
+            found.append(node)
+    return found
+
+
+def _dependencies(module: str) -> list[str]:
+    """The fope_lm modules `module` imports from; a package stands for all of its modules (not its __init__)."""
+    found = []
+    for node in _package_imports(module, ast.parse(_source(module))):
+        spec = importlib.util.find_spec(node.module)
+        if spec.submodule_search_locations is None:
+            found.append(node.module)
+        else:
+            found += sorted(f"{node.module}.{info.name}" for info in pkgutil.iter_modules(spec.submodule_search_locations))
+    return found
+
+
+def _top_level_bindings(tree: ast.Module):
+    """(name, binding) for the module-level names a module binds: imports by what they bind the name to, the rest as
+    "definition"."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node.name, "definition"
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        yield name.id, "definition"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:  # `import a.b` binds a; `import a.b as c` binds c to a.b
+                yield (alias.asname, f"import {alias.name}") if alias.asname else (alias.name.split(".")[0], "import")
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__" and node.module.split(".")[0] != PACKAGE:
+            for alias in node.names:
+                yield alias.asname or alias.name, f"from {node.module} import {alias.name}"

@@ -1,0 +1,45 @@
+"""Overlay several evaluations (e.g. the five PEs of a sweep) in one perplexity plot and one table.
+
+    python scripts/compare_results.py runs/*/checkpoints/step_*/eval/*/results.json --output-dir outputs/compare
+Each argument is a results.json or an eval output dir holding one. Writes comparison.png, comparison.csv and
+comparison.md to --output-dir and prints the markdown table (ppl per length, one column per run).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+
+from fope_lm import report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="results.json files or eval output dirs")
+    parser.add_argument("--output-dir", default="outputs/compare", help="where the plot and tables go")
+    parser.add_argument("--title", default="Perplexity vs evaluation length")
+    args = parser.parse_args(argv)
+
+    missing = [path for path in args.results if not Path(path).exists()]
+    if missing:
+        parser.error(f"no such results: {', '.join(missing)}")
+    runs = [report.load_results(path) for path in args.results]
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    headers, rows = report.comparison_table(runs)
+    report.write_csv(output_dir / "comparison.csv", headers, rows)
+    table = report.markdown_table(headers, rows)
+    title = f"Perplexity per evaluation length (training length {_train_lengths(runs)})"
+    (output_dir / "comparison.md").write_text(f"{title}\n\n{table}")
+    report.plot_perplexity(runs, output_dir / "comparison.png", title=args.title)
+    print(table)
+    print(f"wrote {output_dir / 'comparison.png'}, {output_dir / 'comparison.csv'}, {output_dir / 'comparison.md'}")
+
+
+def _train_lengths(runs: list[dict]) -> str:
+    return ", ".join(str(length) for length in sorted({run["train_seq_len"] for run in runs}))
+
+
+if __name__ == "__main__":
+    main()

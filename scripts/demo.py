@@ -1,0 +1,162 @@
+"""The README's first command (`make demo`): length generalization of NoPE, RoPE, ALiBi and FoPE in minutes on a CPU.
+
+    python scripts/demo.py --steps 600          (or DEMO_STEPS=2000 make demo)
+
+1. prepares the embedded offline corpus (Python stdlib docstrings, its own 8192-token BPE) on first use;
+2. trains the same tiny model (fope_lm.model.PRESETS["tiny"]) with nope, rope, alibi and fope under one budget:
+   same seed, data order and tokens, training length 128 (`python train.py ...`);
+3. evaluates each from 0.5x to 16x the training length (64 ... 2048), plus rope with dynamic YaRN applied at
+   evaluation time (`python eval.py ...`);
+4. prints the perplexity table and saves the overlay plot (`scripts/compare_results.py`).
+Runs go to --out (default runs/demo, relative to the repo root). Jobs run --jobs at a time with one thread
+each: on a small, shared CPU two single-threaded runs finish sooner than the same runs one after the other
+with two threads each.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import compare_results  # noqa: E402  (scripts/, next to this file)
+
+from fope_lm.data import ensure_prepared  # noqa: E402
+
+TRAIN_LEN = 128
+EVAL_LENGTHS = [64, 128, 256, 512, 1024, 2048]  # 0.5x ... 16x the training length
+PES = ["nope", "rope", "alibi", "fope"]
+# (label, output dir name, trained run, eval overrides): each PE as trained, plus RoPE with YaRN at eval time
+EVALS = [(pe, pe, pe, []) for pe in PES] + [("rope+yarn(dynamic)", "rope+yarn", "rope", ["yarn.mode=dynamic"])]
+
+
+@dataclass
+class Job:
+    name: str
+    command: list[str]
+    log: Path
+    total: int  # progress units: training steps, or evaluated lengths
+    progress: Callable[[], int]  # units done so far, read from the job's files
+
+    def start(self, env: dict) -> subprocess.Popen:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as log:  # the child keeps its own copy of the file descriptor
+            log.write(" ".join(self.command) + "\n")
+            log.flush()
+            return subprocess.Popen(self.command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def last_logged_step(metrics_file: Path) -> int:
+    """The newest step in a run's metrics.jsonl (the trainer appends one line per log interval)."""
+    if not metrics_file.is_file():
+        return 0
+    lines = metrics_file.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def evaluated_lengths(log: Path) -> int:
+    """Lengths finished so far: eval.py logs one `T=<length>: loss ...` line per length."""
+    return sum(line.startswith("T=") for line in log.read_text().splitlines()) if log.is_file() else 0
+
+
+def run_jobs(title: str, jobs: list[Job], n_parallel: int) -> None:
+    """Run jobs n_parallel at a time with a progress bar each; on a failure, show its log's tail and exit."""
+    print(f"\n{title}")
+    for job in jobs:
+        print(f"  {job.name}: {' '.join(job.command[1:])}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    bar_format = "{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}]"
+    bars = {  # disable=None: bars on a terminal; in a log, only the lines below
+        job.name: tqdm(total=job.total, desc=f"{job.name:>25}", position=i, bar_format=bar_format, disable=None)
+        for i, job in enumerate(jobs)
+    }
+    waiting, running, started = list(jobs), {}, {}
+    while waiting or running:
+        while waiting and len(running) < n_parallel:
+            job = waiting.pop(0)
+            running[job.name] = (job, job.start(env))
+            started[job.name] = time.perf_counter()
+        time.sleep(1)
+        for name, (job, process) in list(running.items()):
+            bars[name].update(min(job.progress(), job.total) - bars[name].n)
+            if process.poll() is None:
+                continue
+            del running[name]
+            if process.returncode != 0:
+                for bar in bars.values():
+                    bar.close()
+                tail = "\n".join(job.log.read_text().splitlines()[-15:])
+                sys.exit(f"\n{job.name} failed (exit {process.returncode}); the end of {job.log}:\n{tail}")
+            bars[name].update(job.total - bars[name].n)
+            tqdm.write(f"  done: {name} in {(time.perf_counter() - started[name]) / 60:.1f} min (log {job.log})")
+    for bar in bars.values():
+        bar.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    steps = int(os.environ.get("DEMO_STEPS", 600))  # 600 fits 2 CPU cores in ~10 min with the same ordering as 800
+    parser.add_argument("--steps", type=int, default=steps, help="training steps per PE (env DEMO_STEPS)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences of 128 tokens per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (a tiny model trains well at a high one)")
+    parser.add_argument("--jobs", type=int, default=min(len(PES), os.cpu_count() or 1), help="runs at a time")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    os.chdir(REPO_ROOT)  # train.py, eval.py, configs/ and the default data root (data/) are relative to it
+    out = args.out.resolve()
+    python = sys.executable
+
+    print("preparing the embedded corpus (first use only) ...")
+    from omegaconf import OmegaConf
+
+    data_dir = ensure_prepared(OmegaConf.load(REPO_ROOT / "configs" / "data" / "embedded.yaml"))
+    print(f"data: {data_dir}")
+
+    budget = [  # the same for every PE: seed (so data order), steps, batch, schedule
+        "model=tiny", f"train.seq_len={TRAIN_LEN}", f"train.max_steps={args.steps}",
+        f"train.global_batch_size={args.batch_size}", f"train.micro_batch_size={args.batch_size}",
+        f"train.eval_interval={args.steps}", f"train.save_interval={args.steps}", "train.log_interval=10",
+        f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, args.steps // 10)}", "seed=0", f"run_root={out}", "overwrite=true",
+    ]  # fmt: skip
+    train_jobs = []
+    for pe in PES:
+        command = [python, "train.py", f"+pe={pe}", *budget, f"run_name={pe}"]
+        metrics = out / pe / "metrics.jsonl"
+        log = out / "logs" / f"train_{pe}.log"
+        train_jobs.append(Job(f"train {pe}", command, log, args.steps, lambda metrics=metrics: last_logged_step(metrics)))
+    run_jobs(f"training 4 PEs for {args.steps} steps of {args.batch_size} x {TRAIN_LEN} tokens", train_jobs, args.jobs)
+
+    eval_jobs = []
+    for label, name, run, overrides in EVALS:
+        log = out / "logs" / f"eval_{name}.log"
+        command = [
+            python, "eval.py", f"checkpoint={out / run}", f"label='{label}'", f"output_dir={out / 'eval' / name}",
+            f"perplexity.lengths=[{','.join(map(str, EVAL_LENGTHS))}]", "passkey.enabled=false", "device=cpu",
+            "progress=false", *overrides,
+        ]  # fmt: skip
+        eval_jobs.append(Job(f"eval {label}", command, log, len(EVAL_LENGTHS), lambda log=log: evaluated_lengths(log)))
+    run_jobs(f"evaluating at lengths {EVAL_LENGTHS} (training length {TRAIN_LEN})", eval_jobs, args.jobs)
+
+    print()
+    compare_results.main(
+        [*(str(out / "eval" / name / "results.json") for _, name, _, _ in EVALS), "--output-dir", str(out),
+         "--title", f"tiny model, {args.steps} steps at length {TRAIN_LEN}: perplexity vs length"]
+    )  # fmt: skip
+    minutes = (time.perf_counter() - started) / 60
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    print(f"demo finished in {minutes:.1f} min on {machine}; the table and plot are in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Export a checkpoint as a Hugging Face model directory (see docs/hf_export.md).
+
+    python scripts/export_hf.py runs/fope-60m-L512-s0 hf/fope-60m            # the run's newest checkpoint
+    python scripts/export_hf.py runs/fope-60m-L512-s0/checkpoints/step_001000 hf/fope-60m --tokenizer data/c4/tokenizer
+
+Then: AutoModelForCausalLM.from_pretrained("hf/fope-60m", trust_remote_code=True); no fope_lm needed to load it.
+"""
+
+import argparse
+import sys
+
+from fope_lm.errors import FopeError
+from fope_lm.hf import export_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint dir, or a run dir (its newest complete checkpoint)")
+    parser.add_argument("out_dir", help="the directory to write (created; existing files are overwritten)")
+    parser.add_argument("--tokenizer", help="a tokenizer dir (default: the tokenizer of the data the checkpoint was trained on)")
+    args = parser.parse_args(argv)
+    try:
+        out_dir = export_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)
+    except FopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The benchmark scripts run, so that they cannot rot: the GPU suite's --dry-run (every configuration, on CPU, toy
+sizes) and the CPU scripts at tiny sizes. Benchmarks report numbers; nothing here asserts on speed."""
+
+import json
+import sys
+from pathlib import Path
+
+from test_hf import one_thread  # noqa: F401 (autouse fixture)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+import eval_memory  # noqa: E402
+import gpu_suite  # noqa: E402
+import pe_overhead  # noqa: E402
+import step_vs_hf  # noqa: E402
+
+from fope_lm.model import build_model  # noqa: E402
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_gpu_suite_dry_run(tmp_path, capsys):
+    gpu_suite.main(["--dry-run", "--out", str(tmp_path / "gpu.json")])
+    records = read_lines(tmp_path / "gpu.json")
+    env, *configs = records
+    assert env["group"] == "env" and env["result"]["dry_run"] and env["result"]["flash_attn"] is False
+    by_group = {}
+    for record in configs:
+        by_group.setdefault(record["group"], []).append(record)
+    assert {group: len(rs) for group, rs in by_group.items()} == {
+        "step_vs_hf": 1, "pe_overhead": 1, "eval_memory": 2, "mfu": 4, "mfu_compile": 4}
+    for record in configs:
+        if record["config"].get("attention") == "flash":  # not installed here: recorded, not run
+            assert record["status"] == "skipped" and "not installed" in record["reason"]
+        else:
+            assert record["status"] == "ok", record
+    assert by_group["step_vs_hf"][0]["result"]["ratio"] > 0
+    assert by_group["pe_overhead"][0]["result"]["ratio_vs_rope"]["rope"] == 1.0
+    assert set(by_group["eval_memory"][0]["result"]) == {"rope", "nope", "alibi", "fope"}
+    for record in by_group["mfu"] + by_group["mfu_compile"]:
+        if record["status"] == "ok":
+            result, config = record["result"], record["config"]
+            expected = build_model("tiny", pe="rope", vocab_size=512, max_seq_len=config["seq_len"]).flops_per_token(config["seq_len"])
+            assert result["flops_per_token"] == expected and result["tokens_per_s"] > 0 and result["mfu"] is None  # no peak on CPU
+
+    capsys.readouterr()
+    gpu_suite.main(["--report", str(tmp_path / "gpu.json")])
+    tables = capsys.readouterr().out
+    assert tables.count("| tiny ") == 1 + 1 + 8 and "| 128 " in tables and "flash-attn is not installed" in tables
+
+
+def test_gpu_suite_time_box(tmp_path):
+    """With its budget spent, the suite starts nothing and says so for every configuration."""
+    gpu_suite.main(["--dry-run", "--budget", "0", "--only", "step_vs_hf,mfu", "--out", str(tmp_path / "gpu.json")])
+    env, *configs = read_lines(tmp_path / "gpu.json")
+    assert len(configs) == 1 + 8
+    assert all(r["status"] == "skipped" for r in configs)
+    assert all("budget is spent" in r["reason"] for r in configs if r["config"].get("attention") != "flash")
+
+
+def test_step_vs_hf():
+    (result,) = step_vs_hf.main(["--presets", "tiny", "--batch", "1", "--seq-len", "32", "--vocab", "512", "--warmup", "0", "--steps", "1"])
+    assert result["ratio"] > 0
+    # the same matmuls; ours has RMSNorm weights (2 per block + the final one), OLMo's LayerNorm has none
+    assert result["ours_params"] - result["hf_params"] == (2 * 2 + 1) * 128
+
+
+def test_pe_overhead():
+    result = pe_overhead.main(["--preset", "tiny", "--batch", "1", "--seq-len", "32", "--vocab", "512", "--warmup", "0", "--repeats", "1"])
+    assert result["ratio_vs_rope"]["rope"] == 1.0 and result["ratio_vs_rope"]["fope"] > 0
+
+
+def test_eval_memory_is_linear_in_length():
+    """Peak eval memory doubles (not quadruples) with T, and stays far below one (T, T) float32 matrix per head."""
+    rows = eval_memory.main(["--preset", "tiny", "--pes", "rope,fope", "--min-len", "2048", "--max-len", "4096", "--vocab", "512"])
+    peaks = {(r["pe"], r["seq_len"]): r["peak_mib"] for r in rows}
+    for pe in ("rope", "fope"):
+        assert 1.5 < peaks[pe, 4096] / peaks[pe, 2048] < 2.5, peaks
+        assert peaks[pe, 4096] < 4 * 4096**2 * 4 / 2**20 / 4, peaks  # a quarter of 4 heads' (T, T) float32 scores

@@ -269,21 +269,6 @@ def test_kv_cache_decoding_matches_the_full_forward(name):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", NEW_PES)
-def test_tiny_model_overfits_a_batch(name):
-    model = tiny(name)
-    ids = torch.randint(0, 256, (4, 33))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    losses = []
-    for _ in range(30):
-        loss = model(ids[:, :-1], ids[:, 1:]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.1 * losses[0], f"{name}: {losses[0]:.3f} -> {losses[-1]:.3f}"
-
-
 # --- the logit spectrum -------------------------------------------------------------------------------------------
 def test_spectrum_recovers_known_frequencies_and_the_low_frequency_split():
     L = 64

@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 PYTEST_ARGS ?=
 DEMO_STEPS ?= 600
 
-.PHONY: install test demo bench clean
+.PHONY: install lint format test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +21,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install

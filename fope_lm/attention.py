@@ -77,7 +77,5 @@ def causal_attention(
         q_pos = q_positions[start : start + chunk]
         bias = pe.attention_bias(q_pos, k_positions)  # (H, c, Tk) float32
         bias = bias.masked_fill(~causal_mask(q_pos, k_positions), float("-inf"))
-        outputs.append(
-            F.scaled_dot_product_attention(q[:, :, start : start + chunk], k, v, attn_mask=bias.to(q.dtype)[None])
-        )
+        outputs.append(F.scaled_dot_product_attention(q[:, :, start : start + chunk], k, v, attn_mask=bias.to(q.dtype)[None]))
     return torch.cat(outputs, dim=2)

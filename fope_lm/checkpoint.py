@@ -82,7 +82,9 @@ def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or mismatched:
         details = "; ".join(
             part
@@ -242,9 +244,7 @@ def transfer_weights(model: Transformer, directory: str | Path, *, expand: bool 
         try:
             notes = pe.transfer_state(pe_state, expand=expand)
         except (KeyError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"cannot carry layer {layer}'s {source_pe} state from {directory} into {pe.name}: {exc}"
-            ) from None
+            raise CheckpointError(f"cannot carry layer {layer}'s {source_pe} state from {directory} into {pe.name}: {exc}") from None
         for note in notes:
             layers_by_note.setdefault(note, []).append(layer)
     return [f"{note} (layers {', '.join(map(str, layers))})" for note, layers in layers_by_note.items()]

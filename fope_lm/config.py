@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional, TypeVar
 
@@ -100,9 +100,7 @@ class TrainSection:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.global_batch_tokens is not None:  # a token budget per step takes precedence over sequences
             if self.global_batch_tokens % self.seq_len:
-                raise ConfigError(
-                    f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of train.seq_len={self.seq_len}"
-                )
+                raise ConfigError(f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of train.seq_len={self.seq_len}")
             self.global_batch_size = self.global_batch_tokens // self.seq_len
         if self.max_tokens is not None:  # a token budget for the run takes precedence over max_steps
             self.max_steps = math.ceil(self.max_tokens / (self.global_batch_size * self.seq_len))

@@ -53,9 +53,7 @@ def deepspeed_config_path(configured: str | None) -> Path | None:
     return path
 
 
-def fill_deepspeed_config(
-    path: Path, train: TrainSection, *, grad_accum: int, world_size: int, precision: str
-) -> dict:
+def fill_deepspeed_config(path: Path, train: TrainSection, *, grad_accum: int, world_size: int, precision: str) -> dict:
     """The DeepSpeed JSON with every value the training config owns filled in for its "auto"."""
     try:
         config = json.loads(path.read_text())
@@ -81,7 +79,7 @@ def fill_deepspeed_config(
             node = node.setdefault(parent, {})
         pinned = node.get(leaf, "auto")
         if pinned != "auto" and pinned != value:
-            raise ConfigError(f"{path} pins {key}={pinned!r} but {source} gives {value!r}: set it to \"auto\"")
+            raise ConfigError(f'{path} pins {key}={pinned!r} but {source} gives {value!r}: set it to "auto"')
         node[leaf] = value
     return config
 

@@ -36,7 +36,7 @@ from fope_lm import report
 from fope_lm.data import TokenData, ValidationTokens, ensure_prepared, load_tokenizer
 from fope_lm.errors import ConfigError, DataError
 from fope_lm.eval_config import EvalConfig, WandbConfig, YarnEvalConfig
-from fope_lm.generate import final_hidden_states, inference, lm_logits
+from fope_lm.generate import inference, lm_logits
 from fope_lm.metrics import start_wandb
 from fope_lm.model import ModelConfig, Transformer
 from fope_lm.passkey import evaluate_passkey
@@ -62,7 +62,7 @@ def token_losses(
     float32 logits exist at once, whatever B and T.
     """
     batch, length = input_ids.shape
-    hidden = final_hidden_states(model, input_ids, **forward_kwargs)[:, :-1].flatten(0, 1)
+    hidden = model.hidden_states(input_ids, **forward_kwargs)[:, :-1].flatten(0, 1)
     targets = input_ids[:, 1:].flatten()
     losses = []
     for rows in zip(hidden.split(loss_chunk_tokens), targets.split(loss_chunk_tokens)):
@@ -230,9 +230,7 @@ def yarn_overrides(trained: ModelConfig, yarn: YarnEvalConfig) -> dict:
     if yarn.mode == "none":
         return {}
     if trained.pe not in ROTARY_PES:
-        raise ConfigError(
-            f"eval-time YaRN rescales rotary encodings ({', '.join(ROTARY_PES)}); this checkpoint uses {trained.pe!r}"
-        )
+        raise ConfigError(f"eval-time YaRN rescales rotary encodings ({', '.join(ROTARY_PES)}); this checkpoint uses {trained.pe!r}")
     options = {
         "scale": 1.0 if yarn.mode == "dynamic" else yarn.scale,
         "dynamic": yarn.mode == "dynamic",
@@ -306,15 +304,11 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
         validation = ValidationTokens(data, ppl_cfg.tokens_total, longest)
         tokens_evaluated = validation.num_tokens
         common = dict(loss_chunk_tokens=ppl_cfg.loss_chunk_tokens, autocast_dtype=autocast_dtype, progress=cfg.progress)
-        by_length = perplexity_by_length(
-            model, validation.tokens, ppl_cfg.lengths, ppl_cfg.tokens_per_batch, train_len=train_len, **common
-        )
+        by_length = perplexity_by_length(model, validation.tokens, ppl_cfg.lengths, ppl_cfg.tokens_per_batch, train_len=train_len, **common)
         perplexity = list(by_length.values())
         if ppl_cfg.sliding_window.window is not None:
             window = ppl_cfg.sliding_window
-            sliding = sliding_window_perplexity(
-                model, validation.tokens, window.window, window.stride, ppl_cfg.tokens_per_batch, **common
-            )
+            sliding = sliding_window_perplexity(model, validation.tokens, window.window, window.stride, ppl_cfg.tokens_per_batch, **common)
 
     passkey = None
     if cfg.passkey.enabled:

@@ -15,7 +15,6 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fope_lm.model import KVCache, Transformer
 
@@ -37,18 +36,8 @@ def inference(model: Transformer, autocast_dtype: torch.dtype | None = None):
         model.train(was_training)
 
 
-def final_hidden_states(model: Transformer, input_ids: torch.Tensor, **forward_kwargs) -> torch.Tensor:
-    """The final-norm output (B, T, D) in float32: the model's forward with its LM head bypassed."""
-    head = model.lm_head
-    model.lm_head = nn.Identity()  # the forward ends in `self.lm_head(x).float()`: x is what we want
-    try:
-        return model(input_ids, **forward_kwargs).logits
-    finally:
-        model.lm_head = head
-
-
 def lm_logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits in float32 for hidden states from `final_hidden_states` (any leading shape)."""
+    """LM-head logits in float32 for hidden states from `Transformer.hidden_states` (any leading shape)."""
     return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
 
 
@@ -77,15 +66,13 @@ def greedy_generate(
         cache = KVCache(model.config.n_layers)
         step_input = prompts
         for _ in range(max_new_tokens):
-            hidden = final_hidden_states(
-                model, step_input, start_pos=cache.length, kv_cache=cache, dynamic_len=dynamic_len
-            )
+            hidden = model.hidden_states(step_input, start_pos=cache.length, kv_cache=cache, dynamic_len=dynamic_len)
             new_tokens.append(_next_tokens(model, hidden))
             step_input = new_tokens[-1][:, None]
     else:
         sequence = prompts
         for _ in range(max_new_tokens):
-            new_tokens.append(_next_tokens(model, final_hidden_states(model, sequence, dynamic_len=dynamic_len)))
+            new_tokens.append(_next_tokens(model, model.hidden_states(sequence, dynamic_len=dynamic_len)))
             sequence = torch.cat((sequence, new_tokens[-1][:, None]), dim=1)
     return torch.stack(new_tokens, dim=1)
 
@@ -119,7 +106,7 @@ def continuation_logprobs(
     device = prompts.device
 
     cache = KVCache(model.config.n_layers)
-    final_hidden_states(model, prompts[:, :-1], kv_cache=cache, dynamic_len=dynamic_len)
+    model.hidden_states(prompts[:, :-1], kv_cache=cache, dynamic_len=dynamic_len)
     # The last prompt token leads each candidate, so its logits predict the candidate's first token.
     scores = torch.empty(batch, n_candidates)
     for j in range(n_candidates):
@@ -130,7 +117,7 @@ def continuation_logprobs(
         targets = targets.to(device)
         step_input = torch.cat((prompts[:, -1:], targets.clamp(min=0)), dim=1)[:, :-1]  # padding: any token id
         branch = _branch(cache)
-        hidden = final_hidden_states(model, step_input, start_pos=length - 1, kv_cache=branch, dynamic_len=dynamic_len)
+        hidden = model.hidden_states(step_input, start_pos=length - 1, kv_cache=branch, dynamic_len=dynamic_len)
         logits = lm_logits(model, hidden)
         token_nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
         scores[:, j] = -token_nll.sum(dim=1).cpu()

@@ -219,6 +219,24 @@ class Transformer(nn.Module):
         n = self.num_parameters(exclude_input_embedding=True)
         return 6 * n + 12 * self.config.n_layers * self.config.d_model * seq_len
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        dynamic_len: int | None = None,
+    ) -> torch.Tensor:
+        """The final norm's output (B, T, D): the forward without the LM head, which evaluation and generation
+        apply to a few positions at a time (arguments as in `forward`)."""
+        if kv_cache is not None and start_pos != kv_cache.length:
+            raise ValueError(f"start_pos {start_pos} does not continue the KV cache of length {kv_cache.length}")
+        positions = torch.arange(start_pos, start_pos + input_ids.shape[1])  # CPU: position tables slice without a sync
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, positions, kv_cache, dynamic_len)
+        return self.norm(x)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -237,15 +255,8 @@ class Transformer(nn.Module):
         loss_chunk_size: compute the LM head + loss this many positions at a time, never holding (B, T, V)
           float32 logits (then `logits` is None).
         """
-        B, T = input_ids.shape
-        if kv_cache is not None and start_pos != kv_cache.length:
-            raise ValueError(f"start_pos {start_pos} does not continue the KV cache of length {kv_cache.length}")
-        positions = torch.arange(start_pos, start_pos + T)  # CPU: lets position tables slice without a sync
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, positions, kv_cache, dynamic_len)
-        x = self.norm(x)
-
+        x = self.hidden_states(input_ids, start_pos=start_pos, kv_cache=kv_cache, dynamic_len=dynamic_len)
+        T = input_ids.shape[1]
         if labels is None:
             return ModelOutput(self.lm_head(x).float(), None, None)
         n_targets = (labels != -100).sum()

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from matplotlib.figure import Figure  # no pyplot: no global figure state or GUI backend
 from matplotlib.ticker import NullLocator
 

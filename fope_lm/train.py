@@ -364,8 +364,7 @@ class Trainer:
         else:
             backend = "DDP" if plan.world_size > 1 else "one process"
         log.info(
-            "%s: %.1fM parameters, pe %s, L=%d; global batch %d = %d processes x %d micro-batches x %d; %s on %s, %s; "
-            "steps %d -> %d",
+            "%s: %.1fM parameters, pe %s, L=%d; global batch %d = %d processes x %d micro-batches x %d; %s on %s, %s; steps %d -> %d",
             self.config.run_name,
             self.num_parameters / 1e6,
             plan.model_config.pe,
@@ -609,4 +608,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-

@@ -1,10 +1,13 @@
-"""The README's first command (`make demo`): length generalization of NoPE, RoPE, ALiBi and FoPE in minutes on a CPU.
+"""The README's first command (`make demo`): length generalization of NoPE, RoPE, ALiBi and FoPE, and the controls
+that separate FoPE's two ingredients, in minutes on a CPU.
 
     python scripts/demo.py --steps 600          (or DEMO_STEPS=2000 make demo)
 
 1. prepares the embedded offline corpus (Python stdlib docstrings, its own 8192-token BPE) on first use;
-2. trains the same tiny model (fope_lm.model.PRESETS["tiny"]) with nope, rope, alibi and fope under one budget:
-   same seed, data order and tokens, training length 128 (`python train.py ...`);
+2. trains the same tiny model (fope_lm.model.PRESETS["tiny"]) with nope, rope, alibi and fope, and the controls
+   rope_clip (clipping alone), fope_nomix (FoPE without mixing: clipping plus FoPE's padding and slot cap) and
+   p_rope (the newer way of dropping low frequencies), all under one budget: same seed, data order and tokens,
+   training length 128 (`python train.py +pe=<name> ...`);
 3. evaluates each from 0.5x to 16x the training length (64 ... 2048), plus rope with dynamic YaRN applied at
    evaluation time (`python eval.py ...`);
 4. prints the perplexity table and saves the overlay plot (`scripts/compare_results.py`).
@@ -29,15 +32,16 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import compare_results  # noqa: E402  (scripts/, next to this file)
-
 from fope_lm.data import ensure_prepared  # noqa: E402
+
+import compare_results  # noqa: E402  (scripts/, next to this file)
 
 TRAIN_LEN = 128
 EVAL_LENGTHS = [64, 128, 256, 512, 1024, 2048]  # 0.5x ... 16x the training length
-PES = ["nope", "rope", "alibi", "fope"]
-# (label, output dir name, trained run, eval overrides): each PE as trained, plus RoPE with YaRN at eval time
-EVALS = [(pe, pe, pe, []) for pe in PES] + [("rope+yarn(dynamic)", "rope+yarn", "rope", ["yarn.mode=dynamic"])]
+# configs/pe/<name>.yaml: the four methods, then the controls for "which of FoPE's ingredients does it?"
+PES = ["nope", "rope", "alibi", "fope", "rope_clip", "fope_nomix", "p_rope"]
+# (label, output dir name, trained run, eval overrides) of the one eval beyond each run as trained
+YARN_EVAL = ("rope+yarn(dynamic)", "rope+yarn", "rope", ["yarn.mode=dynamic"])
 
 
 @dataclass
@@ -105,13 +109,20 @@ def run_jobs(title: str, jobs: list[Job], n_parallel: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    steps = int(os.environ.get("DEMO_STEPS", 600))  # 600 fits 2 CPU cores in ~10 min with the same ordering as 800
+    steps = int(os.environ.get("DEMO_STEPS", 600))  # 600: ~20 min on 2 CPU cores, the same ordering as 800
     parser.add_argument("--steps", type=int, default=steps, help="training steps per PE (env DEMO_STEPS)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences of 128 tokens per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (a tiny model trains well at a high one)")
-    parser.add_argument("--jobs", type=int, default=min(len(PES), os.cpu_count() or 1), help="runs at a time")
+    parser.add_argument("--pes", default=",".join(PES), help="comma-separated subset of the runs (configs/pe/<name>.yaml)")
+    parser.add_argument("--seed", type=int, default=0, help="init and data order of every run; another seed measures the spread")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: one per CPU, at most one per run)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args()
+    pes = args.pes.split(",")
+    if unknown := [pe for pe in pes if not (REPO_ROOT / "configs" / "pe" / f"{pe}.yaml").exists()]:
+        parser.error(f"--pes: no configs/pe/{unknown[0]}.yaml; the demo's are {', '.join(PES)}")
+    evals = [(pe, pe, pe, []) for pe in pes] + ([YARN_EVAL] if "rope" in pes else [])
+    jobs = args.jobs or min(len(pes), os.cpu_count() or 1)
     started = time.perf_counter()
     os.chdir(REPO_ROOT)  # train.py, eval.py, configs/ and the default data root (data/) are relative to it
     out = args.out.resolve()
@@ -127,18 +138,18 @@ def main() -> None:
         "model=tiny", f"train.seq_len={TRAIN_LEN}", f"train.max_steps={args.steps}",
         f"train.global_batch_size={args.batch_size}", f"train.micro_batch_size={args.batch_size}",
         f"train.eval_interval={args.steps}", f"train.save_interval={args.steps}", "train.log_interval=10",
-        f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, args.steps // 10)}", "seed=0", f"run_root={out}", "overwrite=true",
+        f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, args.steps // 10)}", f"seed={args.seed}", f"run_root={out}", "overwrite=true",
     ]  # fmt: skip
     train_jobs = []
-    for pe in PES:
+    for pe in pes:
         command = [python, "train.py", f"+pe={pe}", *budget, f"run_name={pe}"]
         metrics = out / pe / "metrics.jsonl"
         log = out / "logs" / f"train_{pe}.log"
         train_jobs.append(Job(f"train {pe}", command, log, args.steps, lambda metrics=metrics: last_logged_step(metrics)))
-    run_jobs(f"training 4 PEs for {args.steps} steps of {args.batch_size} x {TRAIN_LEN} tokens", train_jobs, args.jobs)
+    run_jobs(f"training {len(pes)} PEs for {args.steps} steps of {args.batch_size} x {TRAIN_LEN} tokens", train_jobs, jobs)
 
     eval_jobs = []
-    for label, name, run, overrides in EVALS:
+    for label, name, run, overrides in evals:
         log = out / "logs" / f"eval_{name}.log"
         command = [
             python, "eval.py", f"checkpoint={out / run}", f"label='{label}'", f"output_dir={out / 'eval' / name}",
@@ -146,12 +157,12 @@ def main() -> None:
             "progress=false", *overrides,
         ]  # fmt: skip
         eval_jobs.append(Job(f"eval {label}", command, log, len(EVAL_LENGTHS), lambda log=log: evaluated_lengths(log)))
-    run_jobs(f"evaluating at lengths {EVAL_LENGTHS} (training length {TRAIN_LEN})", eval_jobs, args.jobs)
+    run_jobs(f"evaluating at lengths {EVAL_LENGTHS} (training length {TRAIN_LEN})", eval_jobs, jobs)
 
     print()
     compare_results.main(
-        [*(str(out / "eval" / name / "results.json") for _, name, _, _ in EVALS), "--output-dir", str(out),
-         "--title", f"tiny model, {args.steps} steps at length {TRAIN_LEN}: perplexity vs length"]
+        [*(str(out / "eval" / name / "results.json") for _, name, _, _ in evals), "--output-dir", str(out),
+         "--title", f"tiny model, {args.steps} steps at length {TRAIN_LEN}, seed {args.seed}: perplexity vs length"]
     )  # fmt: skip
     minutes = (time.perf_counter() - started) / 60
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"

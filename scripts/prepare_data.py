@@ -1,8 +1,8 @@
 """Tokenize a corpus into memmap shards + metadata.json under <root>/<name> (see docs/data.md).
 
-    python scripts/prepare_data.py embedded
-    python scripts/prepare_data.py c4 root=/scratch/data --num-proc 16
-    python scripts/prepare_data.py local name=mycorpus paths.train=[corpus/*.jsonl] tokenizer=path/to/tokenizer
+python scripts/prepare_data.py embedded
+python scripts/prepare_data.py c4 root=/scratch/data --num-proc 16
+python scripts/prepare_data.py local name=mycorpus paths.train=[corpus/*.jsonl] tokenizer=path/to/tokenizer
 """
 
 import argparse

@@ -339,9 +339,23 @@ def test_analyze_spectrum_script_on_a_tiny_checkpoint(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "analyze_spectrum.py"), str(checkpoint), "--tokens", str(tokens),
-         "--out", str(tmp_path / "out"), "--sequences", "2", "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "analyze_spectrum.py"),
+            str(checkpoint),
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(tmp_path / "out"),
+            "--sequences",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     png = (tmp_path / "out" / "spectrum.png").read_bytes()

@@ -12,6 +12,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import datasets
 import numpy as np
@@ -20,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from omegaconf import OmegaConf
-from pydoc_data.topics import topics
 from transformers import AutoTokenizer
 
 from fope_lm.data import (
@@ -65,9 +65,7 @@ def offline_env() -> dict[str, str]:
 
 
 def run_python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -233,7 +231,11 @@ def test_concurrent_first_use_ends_with_one_complete_dir(embedded, tmp_path):
     ranks = [
         subprocess.Popen(
             [sys.executable, "-c", code, str(tmp_path)],
-            cwd=REPO, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=offline_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -324,10 +326,7 @@ SEQ_LEN, GLOBAL_BATCH = 2048, 8  # 179 samples of the embedded train split: an e
 
 def run_steps(data, steps, world_size, state=None, seed=7):
     """The global batches of `steps` steps, gathered from every rank in rank order; and the final state."""
-    ranks = [
-        TrainBatches(data, SEQ_LEN, GLOBAL_BATCH, seed=seed, rank=rank, world_size=world_size)
-        for rank in range(world_size)
-    ]
+    ranks = [TrainBatches(data, SEQ_LEN, GLOBAL_BATCH, seed=seed, rank=rank, world_size=world_size) for rank in range(world_size)]
     for rank in ranks:
         if state is not None:
             rank.load_state_dict(json.loads(json.dumps(state)))  # as through a checkpoint
@@ -489,8 +488,7 @@ def test_unreachable_hub_tokenizer_names_the_env_var_and_the_local_option():
 
 
 def test_unreachable_hub_dataset_names_the_env_vars_and_the_local_option(embedded, tmp_path):
-    cfg = OmegaConf.merge(OmegaConf.load(REPO / "configs/data/c4.yaml"),
-                          {"root": str(tmp_path), "tokenizer": str(embedded.tokenizer_dir)})
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "configs/data/c4.yaml"), {"root": str(tmp_path), "tokenizer": str(embedded.tokenizer_dir)})
     with pytest.raises(DataError) as err:
         prepare(cfg)
     assert_one_line(err, "allenai/c4", "HF_DATASETS_OFFLINE", "source=files")
@@ -498,8 +496,10 @@ def test_unreachable_hub_dataset_names_the_env_vars_and_the_local_option(embedde
 
 
 def test_a_failed_prepare_leaves_nothing_behind(embedded, tmp_path):
-    paths = {"train": write_documents(tmp_path / "raw", "train", NONEMPTY, "jsonl"),
-             "validation": write_documents(tmp_path / "raw", "validation", ["", ""], "jsonl")}
+    paths = {
+        "train": write_documents(tmp_path / "raw", "train", NONEMPTY, "jsonl"),
+        "validation": write_documents(tmp_path / "raw", "validation", ["", ""], "jsonl"),
+    }
     with pytest.raises(DataError) as err:
         prepare(local_cfg(tmp_path / "data", paths, embedded.tokenizer_dir))
     assert_one_line(err, "the validation split has no text")

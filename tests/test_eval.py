@@ -12,13 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from eval_fixtures import TRAIN_LEN, passkey_tokenizer, prepare_passkey_data, train_passkey_model
 from omegaconf import OmegaConf
 from scipy.stats import binomtest
 
 from fope_lm.checkpoint import load_model, save_model
-from fope_lm.data import TokenData, ValidationTokens
 from fope_lm.config import WandbMode
+from fope_lm.data import TokenData, ValidationTokens
 from fope_lm.eval_config import (
     EvalConfig,
     PasskeyConfig,
@@ -41,6 +40,8 @@ from fope_lm.evaluate import (
 )
 from fope_lm.model import build_model
 from fope_lm.passkey import evaluate_passkey
+
+from eval_fixtures import TRAIN_LEN, passkey_tokenizer, prepare_passkey_data, train_passkey_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,9 +206,7 @@ def test_in_loop_eval_restores_training_mode_and_keeps_tables_usable():
 def test_length_eval_hook_for_the_trainer(checkpoint, data_cfg, val_tokens):
     model = load_model(checkpoint)
     accelerator = SimpleNamespace(unwrap_model=lambda module: module, mixed_precision="no")  # what the hook uses
-    metrics = length_eval_hook(
-        model=model, accelerator=accelerator, step=10, data=data_cfg, lengths=[64, 128], tokens_total=1024
-    )
+    metrics = length_eval_hook(model=model, accelerator=accelerator, step=10, data=data_cfg, lengths=[64, 128], tokens_total=1024)
     expected = perplexity_by_length(model, val_tokens[:1024], [64, 128], progress=False)  # the same prefix
     assert metrics == pytest.approx({f"{key}@{t}": expected[t][key] for t in (64, 128) for key in ("loss", "ppl")})
 

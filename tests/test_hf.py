@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_fixtures import passkey_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fope_lm.checkpoint import COMPLETE_MARKER, checkpoint_dir, save_model
 from fope_lm.generate import continuation_logprobs, greedy_generate
 from fope_lm.hf import ExportError, export_hf
 from fope_lm.model import build_model
+
+from eval_fixtures import passkey_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_LEN, EVAL_LEN, NEW_TOKENS = 32, 80, 24  # logits checked past the training length, where the encodings differ
@@ -59,8 +60,9 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def tiny_checkpoint(directory: Path, pe: str, pe_options: dict, **overrides):
-    model = build_model("tiny", pe=pe, pe_options=pe_options, vocab_size=len(passkey_tokenizer()), max_seq_len=TRAIN_LEN,
-                        init_std=0.1, **overrides).eval()
+    model = build_model(
+        "tiny", pe=pe, pe_options=pe_options, vocab_size=len(passkey_tokenizer()), max_seq_len=TRAIN_LEN, init_std=0.1, **overrides
+    ).eval()
     save_model(directory, model)
     return model
 
@@ -98,7 +100,7 @@ def test_export_matches_fope_lm(case, tmp_path, tokenizer_dir):
     expected = greedy_generate(model, prompt, NEW_TOKENS)  # dynamic YaRN scales for prompt + new tokens throughout
     dynamic = {"dynamic_len": prompt.shape[1] + NEW_TOKENS} if pe_options.get("dynamic") else {}
     for use_cache in (True, False):
-        generated = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=use_cache, **dynamic)[:, prompt.shape[1]:]
+        generated = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=use_cache, **dynamic)[:, prompt.shape[1] :]
         n = generated.shape[1]  # generate() stops at EOS
         assert torch.equal(generated, expected[:, :n]), (use_cache, generated, expected)
         assert n == NEW_TOKENS or generated[0, -1] == hf.generation_config.eos_token_id
@@ -106,8 +108,15 @@ def test_export_matches_fope_lm(case, tmp_path, tokenizer_dir):
 
 def test_export_contents(fope_export, tokenizer_dir):
     model, out = fope_export
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "configuration_fope.py",
-            "modeling_fope.py", "fope_core.py"} <= {path.name for path in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "configuration_fope.py",
+        "modeling_fope.py",
+        "fope_core.py",
+    } <= {path.name for path in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_fope.FopeConfig", "AutoModelForCausalLM": "modeling_fope.FopeForCausalLM"}
     generation = json.loads((out / "generation_config.json").read_text())
@@ -196,7 +205,7 @@ def test_lm_eval_harness(fope_export):
     tokenizer = passkey_tokenizer()
     for (context, continuation), (logprob, _) in zip(requests, scores):
         context_ids = tokenizer(context)["input_ids"]
-        continuation_ids = tokenizer(context + continuation)["input_ids"][len(context_ids):]
+        continuation_ids = tokenizer(context + continuation)["input_ids"][len(context_ids) :]
         expected = continuation_logprobs(model, torch.tensor([context_ids]), [[continuation_ids]])
         assert abs(logprob - expected.item()) < 1e-4
 

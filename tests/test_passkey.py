@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_fixtures import passkey_tokenizer
 
 from fope_lm.errors import ConfigError
-from fope_lm.generate import continuation_logprobs, final_hidden_states, greedy_generate
+from fope_lm.generate import continuation_logprobs, greedy_generate
 from fope_lm.model import build_model
 from fope_lm.passkey import MAX_KEY, PasskeyPrompts, first_integer, sample_trials
+
+from eval_fixtures import passkey_tokenizer
 
 DECODING_PES = [
     ("nope", {}),
@@ -97,8 +98,8 @@ def test_dynamic_yarn_scale_is_fixed_per_prompt():
     # fixed prompt + new tokens length is what both paths use.
     model = build_model("tiny", pe="yarn", pe_options={"dynamic": True}, vocab_size=300, max_seq_len=16).eval()
     prompts = torch.randint(0, 300, (2, 30))
-    hidden_fixed = final_hidden_states(model, prompts, dynamic_len=40)
-    hidden_default = final_hidden_states(model, prompts)  # dynamic_len 30
+    hidden_fixed = model.hidden_states(prompts, dynamic_len=40)
+    hidden_default = model.hidden_states(prompts)  # dynamic_len 30
     assert not torch.allclose(hidden_fixed, hidden_default)
 
 

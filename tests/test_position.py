@@ -12,11 +12,12 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import _compute_yarn_parameters
 
-from conftest import FIXTURES_DIR
 from fope_lm.errors import ConfigError
 from fope_lm.position import available, build_position_encoding
 from fope_lm.position.base import apply_rotary, rope_inv_freq, yarn_frequencies
 from fope_lm.position.fope import kept_frequencies, step_eye
+
+from conftest import FIXTURES_DIR
 
 FIXTURES = sorted(glob.glob(os.path.join(FIXTURES_DIR, "*.json")))
 
@@ -114,7 +115,9 @@ def test_fope_identity_coefficients_reduce_to_rope_on_kept_frequencies():
     head_dim, n_heads, length, T = 64, 3, 512, 1500
     pe = build_position_encoding("fope", head_dim=head_dim, n_heads=n_heads, max_seq_len=length)
     assert pe.n_freqs == pe.n_slots == 16
-    pe.load_state_dict({"cos_coef": torch.eye(16).expand(n_heads, 16, 16).clone(), "sin_coef": torch.eye(16).expand(n_heads, 16, 16).clone()})
+    pe.load_state_dict(
+        {"cos_coef": torch.eye(16).expand(n_heads, 16, 16).clone(), "sin_coef": torch.eye(16).expand(n_heads, 16, 16).clone()}
+    )
     x = torch.randn(2, n_heads, T, head_dim)
     angles = torch.outer(torch.arange(T, dtype=torch.float32), kept_frequencies(head_dim, 10000.0, length))
     pad = torch.ones(T, head_dim // 2 - 16)

@@ -46,7 +46,9 @@ def test_experiment_configs_are_in_sync_with_the_grid():
 
 
 def test_sweep_dry_run_prints_the_paper_grid_with_dependencies():
-    result = subprocess.run([sys.executable, "scripts/sweep.py", "--run-root", "/shared/runs"], cwd=REPO, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "scripts/sweep.py", "--run-root", "/shared/runs"], cwd=REPO, capture_output=True, text=True, check=True
+    )
     lines = result.stdout.splitlines()
     train = [line for line in lines if "slurm/train.sbatch" in line]
     evals = [line for line in lines if "slurm/eval.sbatch" in line]
@@ -59,7 +61,10 @@ def test_sweep_dry_run_prints_the_paper_grid_with_dependencies():
                 for data in ("c4", "books"):
                     name = f"{data}_{size}_L{length}_{pe}"
                     assert any(f"+experiment={name} run_root=/shared/runs" in line for line in train), name
-                    assert any(f"--dependency=afterok:${name.upper()}' " in line and f"checkpoint=/shared/runs/{name} data={data}" in line for line in evals)
+                    assert any(
+                        f"--dependency=afterok:${name.upper()}' " in line and f"checkpoint=/shared/runs/{name} data={data}" in line
+                        for line in evals
+                    )
     continuation = next(line for line in train if "+experiment=c4_180m_L1024_rope_to_yarn" in line)
     assert "--dependency=afterok:$C4_180M_L512_ROPE' " in continuation
     yarn_eval = next(line for line in evals if "eval_c4_1b_L512_rope_yarn" in line)
@@ -161,9 +166,18 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
         "PYTHONPATH": str(REPO),
     }
     overrides = [
-        f"run_root={runs}", "run_name=slurm-test", "model=tiny", "train.seq_len=32", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "train.max_steps=60", "train.log_interval=1", "train.eval_interval=1000",
-        "train.save_interval=1000", "train.num_threads=1", "optim.warmup_steps=2",
+        f"run_root={runs}",
+        "run_name=slurm-test",
+        "model=tiny",
+        "train.seq_len=32",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=60",
+        "train.log_interval=1",
+        "train.eval_interval=1000",
+        "train.save_interval=1000",
+        "train.num_threads=1",
+        "optim.warmup_steps=2",
     ]
     run_dir = runs / "slurm-test"
     metrics = run_dir / "metrics.jsonl"
@@ -171,7 +185,9 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
     def steps_logged() -> list[int]:
         return [r["step"] for r in read_metrics(metrics) if "train/loss" in r] if metrics.exists() else []
 
-    first = subprocess.Popen(["bash", "slurm/train.sbatch", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        ["bash", "slurm/train.sbatch", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for(lambda: len(steps_logged()) >= 3, "step 3 in metrics.jsonl", first)
     first.send_signal(signal.SIGUSR1)  # what SLURM sends to the batch shell before the time limit
     output = first.communicate(timeout=600)[0]
@@ -181,12 +197,22 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
     assert 3 <= stopped_at < 60
     assert f"requeue {job_id}" in log.read_text()
     port = 20000 + job_id % 20000
-    launcher = f"--num_machines 1 --num_processes 2 --machine_rank 0 --main_process_ip localhost --main_process_port {port} --rdzv_backend c10d --multi_gpu"
+    launcher = (
+        f"--num_machines 1 --num_processes 2 --machine_rank 0 --main_process_ip localhost --main_process_port {port} "
+        "--rdzv_backend c10d --multi_gpu"
+    )
     assert launcher in output, output[-4000:]
     assert f"resume=auto train.stop_file={runs}/.slurm/{job_id}.stop" in output
 
     # the requeued job: same job id, so the same run dir; resume=auto continues from the checkpoint
-    second = subprocess.run(["bash", "slurm/train.sbatch", *overrides], cwd=REPO, env=env | {"SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        ["bash", "slurm/train.sbatch", *overrides],
+        cwd=REPO,
+        env=env | {"SLURM_RESTART_COUNT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     steps = steps_logged()
     assert steps[-1] == 60

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fope_lm.generate import final_hidden_states, lm_logits
+from fope_lm.generate import lm_logits
 from fope_lm.hf.configuration_fope import FopeConfig
 from fope_lm.model import ModelConfig, Transformer
 
@@ -108,7 +108,7 @@ class FopeForCausalLM(PreTrainedModel, GenerationMixin):
 
         start_pos = cache.get_seq_length() if cache is not None else 0
         kv_cache = CacheView(cache) if cache is not None else None
-        hidden = final_hidden_states(self.model, input_ids, start_pos=start_pos, kv_cache=kv_cache, dynamic_len=dynamic_len)
+        hidden = self.model.hidden_states(input_ids, start_pos=start_pos, kv_cache=kv_cache, dynamic_len=dynamic_len)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = lm_logits(self.model, hidden[:, keep])
         loss = None

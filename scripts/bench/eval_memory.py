@@ -1,16 +1,18 @@
 """Eval at long lengths: peak memory and time per token for T = 1k ... 16k, per position encoding, in one run.
 
 Each forward is an eval forward: batch 1, no_grad, the loss over all T targets with the LM head applied
-`--loss-chunk` positions at a time (the model's `loss_chunk_size`). Memory is then linear in T: no (T, T) attention scores (SDPA's fused kernels;
-ALiBi's and KERPLE's bias is built one query chunk of at most 64 MiB at a time) and no (T, V) float32 logits.
+`--loss-chunk` positions at a time (the model's `loss_chunk_size`). Memory is then linear in T: no (T, T) attention
+scores (SDPA's fused kernels; ALiBi's and KERPLE's bias is built one query chunk of at most 64 MiB at a time) and
+no (T, V) float32 logits.
 The "MiB/1k" column (peak / T) stays flat where that holds; a T x T term would double it at every doubling of T
 (one float32 (T, T) matrix per head is 1 GiB at 16k). Time per token grows with T: attention is O(T^2) compute.
 After one warm-up forward per encoding at the longest length, the lengths run shortest first, the encodings
 round-robin at each length; "time ratio" is against the first of --pes.
 
-Memory, above what was in use just before the forward: CUDA, torch.cuda.max_memory_allocated; CPU, the process's
-peak resident set (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshold pinned at 64 KiB, so
-that freed tensors leave the resident set at once (Linux).
+Memory, above what was in use just before the forward: CUDA, torch.cuda.max_memory_allocated; CPU, the peak of the
+tensor storage alive, counted op by op under a TorchDispatchMode (every storage an aten op returns, until it is
+freed). That is exact and the same on every machine, where the resident set moves with the allocator, huge pages
+and the kernel; it leaves out scratch that a kernel frees before it returns (SDPA's blocked CPU kernel works in tiles).
 
     python scripts/bench/eval_memory.py                                   # CPU: tiny, T = 1k..16k
     python scripts/bench/eval_memory.py --preset 60m --device cuda --dtype bf16 --max-len 65536
@@ -19,7 +21,6 @@ that freed tensors leave the resident set at once (Linux).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -28,13 +29,14 @@ import sys
 import time
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import autocast, pick_device, print_table, synchronize  # noqa: E402
-
 from fope_lm.model import build_model  # noqa: E402
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+from common import autocast, pick_device, print_table, synchronize  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,15 +55,36 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage created inside the mode and still alive, after every aten op; `peak` is the maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[StorageWeakRef, int] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ref in [ref for ref in self.live if ref.expired()]:
+            self.current -= self.live.pop(ref)
+        # a view or an in-place op returns an input's storage: nothing new, and perhaps a weight's
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref not in inputs and ref not in self.live:
+                    self.live[ref] = t.untyped_storage().nbytes()
+                    self.current += self.live[ref]
+        self.peak = max(self.peak, self.current)
+        return out
+
+
 class PeakMemory:
     """Bytes in use at the peak of a `with` block above those in use when it began, on `device`."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
-        if device.type == "cpu":
-            libc = ctypes.CDLL(None)
-            libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)  # big blocks are mmapped, so free returns them to the OS
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -69,9 +92,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-            self.start = _proc_status("VmRSS")
+            self.tensors = LiveTensorBytes().__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -79,15 +100,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
         else:
-            self.peak = _proc_status("VmHWM") - self.start
-
-
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
+            self.tensors.__exit__(*exc)
+            self.peak = self.tensors.peak
 
 
 @torch.no_grad()
@@ -144,12 +158,20 @@ def main(argv=None) -> list[dict]:
             rows.append({"pe": pe, "seq_len": length, "peak_mib": peaks[pe] / 2**20, "seconds": t, "time_ratio": t / baseline})
 
     n_params = sum(p.numel() for p in next(iter(models.values())).parameters()) / 1e6
-    print(f"# eval memory: {args.preset} ({n_params:.1f}M params), batch 1, no_grad, loss_chunk_size {args.loss_chunk}, "
-          f"vocab {args.vocab}, {dtype}, {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}; peak = memory above that in use before the forward")
+    print(
+        f"# eval memory: {args.preset} ({n_params:.1f}M params), batch 1, no_grad, loss_chunk_size {args.loss_chunk}, "
+        f"vocab {args.vocab}, {dtype}, {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}; peak = memory above that in use before the forward"
+    )
     table = [
-        [r["pe"], r["seq_len"], f"{r['peak_mib']:.1f}", f"{r['peak_mib'] / (r['seq_len'] / 1024):.2f}",
-         f"{r['seconds'] / r['seq_len'] * 1e6:.1f}", f"{r['time_ratio']:.3f}"]
+        [
+            r["pe"],
+            r["seq_len"],
+            f"{r['peak_mib']:.1f}",
+            f"{r['peak_mib'] / (r['seq_len'] / 1024):.2f}",
+            f"{r['seconds'] / r['seq_len'] * 1e6:.1f}",
+            f"{r['time_ratio']:.3f}",
+        ]
         for r in sorted(rows, key=lambda r: (pes.index(r["pe"]), r["seq_len"]))
     ]
     print_table(["pe", "T", "peak MiB", "MiB/1k", "us/token", "time ratio"], table)

@@ -50,11 +50,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval_memory  # noqa: E402
 import pe_overhead  # noqa: E402
 import step_vs_hf  # noqa: E402
-from common import make_train_step, print_table, time_interleaved  # noqa: E402
 
 import fope_lm.attention  # noqa: E402
 from fope_lm.metrics import peak_flops  # noqa: E402
 from fope_lm.model import build_model  # noqa: E402
+
+from common import make_train_step, print_table, time_interleaved  # noqa: E402
 
 GROUPS = ("step_vs_hf", "pe_overhead", "eval_memory", "mfu")
 
@@ -81,15 +82,38 @@ class Sizes:
 
 
 GPU = Sizes(
-    device="cuda", dtype="bf16", vocab=50280, hf_presets=["20m", "60m"], pe_presets=["60m", "1b"],
-    mfu_presets=["60m", "180m", "1b"], train_lens=[512, 1024], tokens_per_step=16384, eval_preset="60m",
-    eval_lens=[1024 * 2**i for i in range(7)], loss_chunk=1024, warmup=3, steps=10, compile_backend="inductor",
+    device="cuda",
+    dtype="bf16",
+    vocab=50280,
+    hf_presets=["20m", "60m"],
+    pe_presets=["60m", "1b"],
+    mfu_presets=["60m", "180m", "1b"],
+    train_lens=[512, 1024],
+    tokens_per_step=16384,
+    eval_preset="60m",
+    eval_lens=[1024 * 2**i for i in range(7)],
+    loss_chunk=1024,
+    warmup=3,
+    steps=10,
+    compile_backend="inductor",
     budgets={"step_vs_hf": 20, "pe_overhead": 30, "eval_memory": 30, "mfu": 20, "mfu_compile": 90},
 )
 DRY = Sizes(
-    device="cpu", dtype="fp32", vocab=512, hf_presets=["tiny"], pe_presets=["tiny"], mfu_presets=["tiny"],
-    train_lens=[32, 64], tokens_per_step=128, eval_preset="tiny", eval_lens=[64, 128], loss_chunk=32, warmup=1, steps=1,
-    compile_backend="eager", budgets={"step_vs_hf": 60, "pe_overhead": 60, "eval_memory": 60, "mfu": 60, "mfu_compile": 60},
+    device="cpu",
+    dtype="fp32",
+    vocab=512,
+    hf_presets=["tiny"],
+    pe_presets=["tiny"],
+    mfu_presets=["tiny"],
+    train_lens=[32, 64],
+    tokens_per_step=128,
+    eval_preset="tiny",
+    eval_lens=[64, 128],
+    loss_chunk=32,
+    warmup=1,
+    steps=1,
+    compile_backend="eager",
+    budgets={"step_vs_hf": 60, "pe_overhead": 60, "eval_memory": 60, "mfu": 60, "mfu_compile": 60},
 )
 
 
@@ -141,7 +165,9 @@ class Suite:
         self.out.write(json.dumps(record) + "\n")
         self.out.flush()
         summary = record.get("result", record.get("reason", record.get("error")))
-        print(f"[{time.perf_counter() - self.started:6.1f}s] {record['group']} {record['config']}: {record['status']} {summary}", flush=True)
+        print(
+            f"[{time.perf_counter() - self.started:6.1f}s] {record['group']} {record['config']}: {record['status']} {summary}", flush=True
+        )
 
 
 @contextlib.contextmanager
@@ -176,9 +202,15 @@ def mfu_step(preset: str, seq_len: int, *, pe: str, compile: bool, kernel: str, 
     tokens_per_s = batch * seq_len / seconds
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     flops = model.flops_per_token(seq_len)
-    return {"batch": batch, "step_s": seconds, "first_step_s": first_step, "tokens_per_s": tokens_per_s,
-            "flops_per_token": flops, "mfu": tokens_per_s * flops / peak if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {
+        "batch": batch,
+        "step_s": seconds,
+        "first_step_s": first_step,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops,
+        "mfu": tokens_per_s * flops / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def eval_length(length: int, models: dict, ids: torch.Tensor, sizes: Sizes, device: torch.device) -> dict:
@@ -199,15 +231,31 @@ def report(path: str) -> None:
     ms = lambda seconds: f"{seconds * 1e3:.1f}"  # noqa: E731
     pes = ("rope", "nope", "alibi", "fope")
     tables = {  # group: (key columns, value columns, value cells of a result)
-        "step_vs_hf": (["preset"], ["fope_lm ms/step", "hf Olmo ms/step", "ours / hf"],
-                       lambda r: [ms(r["ours_s"]), ms(r["hf_s"]), f"{r['ratio']:.3f}"]),
-        "pe_overhead": (["preset"], ["rope ms/step", "fope ms/step", "fope / rope"],
-                        lambda r: [ms(r["seconds_per_step"]["rope"]), ms(r["seconds_per_step"]["fope"]), f"{r['ratio_vs_rope']['fope']:.3f}"]),
-        "eval_memory": (["seq_len"], [f"{pe} MiB, us/token" for pe in pes],
-                        lambda r: [f"{r[pe]['peak_mib']:.0f}, {r[pe]['us_per_token']:.2f}" for pe in pes]),
-        "mfu": (["preset", "seq_len", "pe", "compile", "attention"], ["tokens/s", "MFU", "first step s", "peak GiB"],
-                lambda r: [f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "-", f"{r['first_step_s']:.1f}",
-                           f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"]),
+        "step_vs_hf": (
+            ["preset"],
+            ["fope_lm ms/step", "hf Olmo ms/step", "ours / hf"],
+            lambda r: [ms(r["ours_s"]), ms(r["hf_s"]), f"{r['ratio']:.3f}"],
+        ),
+        "pe_overhead": (
+            ["preset"],
+            ["rope ms/step", "fope ms/step", "fope / rope"],
+            lambda r: [ms(r["seconds_per_step"]["rope"]), ms(r["seconds_per_step"]["fope"]), f"{r['ratio_vs_rope']['fope']:.3f}"],
+        ),
+        "eval_memory": (
+            ["seq_len"],
+            [f"{pe} MiB, us/token" for pe in pes],
+            lambda r: [f"{r[pe]['peak_mib']:.0f}, {r[pe]['us_per_token']:.2f}" for pe in pes],
+        ),
+        "mfu": (
+            ["preset", "seq_len", "pe", "compile", "attention"],
+            ["tokens/s", "MFU", "first step s", "peak GiB"],
+            lambda r: [
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['mfu']:.1%}" if r["mfu"] is not None else "-",
+                f"{r['first_step_s']:.1f}",
+                f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-",
+            ],
+        ),
     }
     for group, (keys, columns, cells) in tables.items():
         rows = []
@@ -238,36 +286,62 @@ def main(argv=None) -> None:
 
 def run_groups(suite: Suite, groups: set[str], sizes: Sizes, device: torch.device, mfu_pe: str) -> None:
     flash_installed = fope_lm.attention.flash_attn_func() is not None
-    suite.write({"group": "env", "config": {}, "status": "ok", "result": {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "peak_bf16_flops": peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
-        "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
-        "flash_attn": flash_installed, "cpu_threads": torch.get_num_threads(), "dry_run": sizes is DRY}})
+    suite.write(
+        {
+            "group": "env",
+            "config": {},
+            "status": "ok",
+            "result": {
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+                "peak_bf16_flops": peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "cuda": torch.version.cuda,
+                "flash_attn": flash_installed,
+                "cpu_threads": torch.get_num_threads(),
+                "dry_run": sizes is DRY,
+            },
+        }
+    )
     common = dict(device=device, dtype=sizes.dtype, vocab=sizes.vocab)
     long_len = sizes.train_lens[-1]
     batch = sizes.tokens_per_step // long_len
 
     if "step_vs_hf" in groups:
         for preset in sizes.hf_presets:
-            suite.run("step_vs_hf", {"preset": preset, "batch": batch, "seq_len": long_len}, lambda: step_vs_hf.compare(
-                preset, **common, batch=batch, seq_len=long_len, warmup=sizes.warmup, steps=sizes.steps),
-                budget=sizes.budgets["step_vs_hf"])
+            suite.run(
+                "step_vs_hf",
+                {"preset": preset, "batch": batch, "seq_len": long_len},
+                lambda: step_vs_hf.compare(preset, **common, batch=batch, seq_len=long_len, warmup=sizes.warmup, steps=sizes.steps),
+                budget=sizes.budgets["step_vs_hf"],
+            )
 
     if "pe_overhead" in groups:
         for preset in sizes.pe_presets:
-            suite.run("pe_overhead", {"preset": preset, "batch": batch, "seq_len": long_len}, lambda: pe_overhead.compare(
-                preset, ["rope", "fope"], **common, batch=batch, seq_len=long_len, warmup=sizes.warmup, repeats=sizes.steps),
-                budget=sizes.budgets["pe_overhead"])
+            suite.run(
+                "pe_overhead",
+                {"preset": preset, "batch": batch, "seq_len": long_len},
+                lambda: pe_overhead.compare(
+                    preset, ["rope", "fope"], **common, batch=batch, seq_len=long_len, warmup=sizes.warmup, repeats=sizes.steps
+                ),
+                budget=sizes.budgets["pe_overhead"],
+            )
 
     if "eval_memory" in groups:
         pes = ["rope", "nope", "alibi", "fope"]
-        models = {pe: eval_memory.build_eval_model(sizes.eval_preset, pe, vocab=sizes.vocab, train_len=sizes.train_lens[0],
-                                                   device=device) for pe in pes}
+        models = {
+            pe: eval_memory.build_eval_model(sizes.eval_preset, pe, vocab=sizes.vocab, train_len=sizes.train_lens[0], device=device)
+            for pe in pes
+        }
         ids = torch.randint(0, sizes.vocab, (1, sizes.eval_lens[-1] + 1), device=device)
         eval_memory.warm_up(models, ids, loss_chunk=sizes.loss_chunk, device=device, dtype=sizes.dtype)
         for length in sizes.eval_lens:
-            suite.run("eval_memory", {"preset": sizes.eval_preset, "seq_len": length, "loss_chunk": sizes.loss_chunk},
-                      lambda: eval_length(length, models, ids, sizes, device), budget=sizes.budgets["eval_memory"])
+            suite.run(
+                "eval_memory",
+                {"preset": sizes.eval_preset, "seq_len": length, "loss_chunk": sizes.loss_chunk},
+                lambda: eval_length(length, models, ids, sizes, device),
+                budget=sizes.budgets["eval_memory"],
+            )
         del models, ids
 
     if "mfu" in groups:
@@ -280,9 +354,13 @@ def run_groups(suite: Suite, groups: set[str], sizes: Sizes, device: torch.devic
                 for preset in sizes.mfu_presets:
                     for seq_len in sizes.train_lens:
                         config = {"preset": preset, "seq_len": seq_len, "pe": mfu_pe, "compile": compile, "attention": kernel}
-                        suite.run(group, config, lambda: mfu_step(preset, seq_len, pe=mfu_pe, compile=compile, kernel=kernel,
-                                                                  sizes=sizes, device=device),
-                                  budget=sizes.budgets[group], skip=skip)
+                        suite.run(
+                            group,
+                            config,
+                            lambda: mfu_step(preset, seq_len, pe=mfu_pe, compile=compile, kernel=kernel, sizes=sizes, device=device),
+                            budget=sizes.budgets[group],
+                            skip=skip,
+                        )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_train_step, pick_device, print_table, time_interleaved  # noqa: E402
-
 from fope_lm.model import build_model  # noqa: E402
+
+from common import make_train_step, pick_device, print_table, time_interleaved  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,8 +37,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def compare(preset: str, pes: list[str], *, batch: int, seq_len: int, vocab: int, device: torch.device, dtype: str,
-            warmup: int, repeats: int) -> dict:
+def compare(
+    preset: str, pes: list[str], *, batch: int, seq_len: int, vocab: int, device: torch.device, dtype: str, warmup: int, repeats: int
+) -> dict:
     """Median seconds per train step of each PE on the same model shape and batch, interleaved; ratios vs pes[0]."""
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
@@ -50,20 +51,38 @@ def compare(preset: str, pes: list[str], *, batch: int, seq_len: int, vocab: int
         steps[pe] = make_train_step(model, lambda m: m(ids[:, :-1], ids[:, 1:]).loss, optimizer, device, dtype)
     medians = time_interleaved(steps, warmup, repeats)
     baseline = medians[pes[0]]
-    return {"preset": preset, "batch": batch, "seq_len": seq_len, "dtype": dtype, "device": str(device),
-            "seconds_per_step": medians, "ratio_vs_" + pes[0]: {k: v / baseline for k, v in medians.items()}}
+    return {
+        "preset": preset,
+        "batch": batch,
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "device": str(device),
+        "seconds_per_step": medians,
+        "ratio_vs_" + pes[0]: {k: v / baseline for k, v in medians.items()},
+    }
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     pes = args.pes.split(",")
-    result = compare(args.preset, pes, batch=args.batch, seq_len=args.seq_len, vocab=args.vocab, device=device, dtype=args.dtype,
-                     warmup=args.warmup, repeats=args.repeats)
+    result = compare(
+        args.preset,
+        pes,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        vocab=args.vocab,
+        device=device,
+        dtype=args.dtype,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
     medians, ratios = result["seconds_per_step"], result["ratio_vs_" + pes[0]]
     tokens = args.batch * args.seq_len
-    print(f"# {args.preset}, {args.batch} x {args.seq_len} tokens, {args.dtype}, {device} ({platform.processor() or platform.machine()}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"# {args.preset}, {args.batch} x {args.seq_len} tokens, {args.dtype}, {device} ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     rows = [[pe, f"{t * 1000:.1f}", f"{tokens / t:,.0f}", f"{ratios[pe]:.3f}"] for pe, t in medians.items()]
     print_table(["pe", "ms/step", "tokens/s", "ratio"], rows)
     if args.json:

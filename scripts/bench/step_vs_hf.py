@@ -19,9 +19,9 @@ import torch
 from transformers import OlmoConfig, OlmoForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_train_step, print_table, time_interleaved  # noqa: E402
-
 from fope_lm.model import build_model, preset_config  # noqa: E402
+
+from common import make_train_step, print_table, time_interleaved  # noqa: E402
 
 
 def ours(preset: str, vocab: int, seq_len: int) -> torch.nn.Module:
@@ -70,9 +70,19 @@ def compare(preset: str, *, device: torch.device, dtype: str, batch: int, seq_le
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         step_fns[name] = make_train_step(model, lambda m, fn=loss_fn: fn(m, tokens), optimizer, device, dtype)
     seconds = time_interleaved(step_fns, warmup, steps)
-    return {"preset": preset, "device": str(device), "dtype": dtype, "batch": batch, "seq_len": seq_len, "vocab": vocab,
-            "ours_params": n_params["ours"], "hf_params": n_params["hf"],
-            "ours_s": seconds["ours"], "hf_s": seconds["hf"], "ratio": seconds["ours"] / seconds["hf"]}
+    return {
+        "preset": preset,
+        "device": str(device),
+        "dtype": dtype,
+        "batch": batch,
+        "seq_len": seq_len,
+        "vocab": vocab,
+        "ours_params": n_params["ours"],
+        "hf_params": n_params["hf"],
+        "ours_s": seconds["ours"],
+        "hf_s": seconds["hf"],
+        "ratio": seconds["ours"] / seconds["hf"],
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -89,14 +99,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
 
     devices = [(torch.device("cpu"), "fp32")] + ([(torch.device("cuda"), "bf16")] if torch.cuda.is_available() else [])
-    print(f"# batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}, median of {args.steps} interleaved steps "
-          f"after {args.warmup}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"# batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}, median of {args.steps} interleaved steps "
+        f"after {args.warmup}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    )
     results, rows = [], []
     for device, precision in devices:
         label = f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} {precision}"
         for preset in args.presets.split(","):
-            r = compare(preset, device=device, dtype=precision, batch=args.batch, seq_len=args.seq_len, vocab=args.vocab,
-                        warmup=args.warmup, steps=args.steps)
+            r = compare(
+                preset,
+                device=device,
+                dtype=precision,
+                batch=args.batch,
+                seq_len=args.seq_len,
+                vocab=args.vocab,
+                warmup=args.warmup,
+                steps=args.steps,
+            )
             results.append(r)
             params = f"{r['ours_params'] / 1e6:.1f} / {r['hf_params'] / 1e6:.1f}"
             rows.append([label, preset, params, f"{r['ours_s'] * 1e3:.1f}", f"{r['hf_s'] * 1e3:.1f}", f"{r['ratio']:.2f}"])

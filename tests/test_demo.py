@@ -1,0 +1,38 @@
+"""The README's first command, `make demo` (scripts/demo.py), end to end on one PE and a few steps."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
+
+
+def test_demo_trains_evaluates_and_tabulates(tmp_path, embedded_data_root):
+    env = os.environ | {"FOPE_DATA_ROOT": str(embedded_data_root)}
+    result = subprocess.run(
+        [*DEMO, "--pes", "rope", "--steps", "4", "--seed", "3", "--out", str(tmp_path / "demo")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(tmp_path / "demo" / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["length"]) for r in rows] == [64, 128, 256, 512, 1024, 2048]
+    assert set(rows[0]) == {"length", "rope", "rope+yarn(dynamic)"}  # the rope run, and YaRN applied to it at eval
+    for row in rows:
+        for label in ("rope", "rope+yarn(dynamic)"):
+            assert math.isfinite(float(row[label])) and float(row[label]) > 1
+    assert float(rows[1]["rope"]) < 8192  # better than uniform over the vocab at the training length, after 4 steps
+    assert rows[1]["rope"] == rows[1]["rope+yarn(dynamic)"]  # dynamic YaRN is RoPE up to the training length (128)
+    assert (tmp_path / "demo" / "comparison.png").stat().st_size > 0
+    assert "seed=3" in (tmp_path / "demo" / "logs" / "train_rope.log").read_text().splitlines()[0]
+
+
+def test_demo_rejects_an_unknown_pe_before_any_work(tmp_path):
+    result = subprocess.run([*DEMO, "--pes", "rope,fop", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--pes: no configs/pe/fop.yaml" in result.stderr
+    assert not any(tmp_path.iterdir())

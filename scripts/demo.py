@@ -40,7 +40,7 @@ TRAIN_LEN = 128
 EVAL_LENGTHS = [64, 128, 256, 512, 1024, 2048]  # 0.5x ... 16x the training length
 # configs/pe/<name>.yaml: the four methods, then the controls for "which of FoPE's ingredients does it?"
 PES = ["nope", "rope", "alibi", "fope", "rope_clip", "fope_nomix", "p_rope"]
-# (label, output dir name, trained run, eval overrides) of the one eval beyond each run as trained
+# evaluated besides each run as trained, when rope is run: (label, output dir name, trained run, eval overrides)
 YARN_EVAL = ("rope+yarn(dynamic)", "rope+yarn", "rope", ["yarn.mode=dynamic"])
 
 
@@ -121,6 +121,8 @@ def main() -> None:
     pes = args.pes.split(",")
     if unknown := [pe for pe in pes if not (REPO_ROOT / "configs" / "pe" / f"{pe}.yaml").exists()]:
         parser.error(f"--pes: no configs/pe/{unknown[0]}.yaml; the demo's are {', '.join(PES)}")
+    if len(set(pes)) < len(pes):
+        parser.error(f"--pes {args.pes}: each run once (a run's name is its PE's)")
     evals = [(pe, pe, pe, []) for pe in pes] + ([YARN_EVAL] if "rope" in pes else [])
     jobs = args.jobs or min(len(pes), os.cpu_count() or 1)
     started = time.perf_counter()

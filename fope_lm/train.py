@@ -116,6 +116,7 @@ class Plan:
     deepspeed_config: dict | None
     resume_from: Path | None  # a complete checkpoint to continue, or None for a new run
     resume_state: dict | None  # its trainer_state.json
+    init_from: Path | None  # the checkpoint a new run starts from, resolved once (a run dir may gain newer ones)
     eval_hooks: dict
     stop_file: Path
 
@@ -148,12 +149,13 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
 
     run_dir = Path(config.run_root) / config.run_name
     resume_from = resume_point(config, run_dir)
-    resume_state = None
+    resume_state = init_from = None
     if resume_from is not None:
         resume_state = read_trainer_state(resume_from)
         check_resumable(resume_from, resume_state, model_config, data)
     elif config.init_from is not None:
-        read_model_config(resolve_checkpoint(config.init_from))  # exists and is readable; shapes are checked on load
+        init_from = resolve_checkpoint(config.init_from)
+        read_model_config(init_from)  # exists and is readable; shapes are checked on load
     return Plan(
         config=config,
         run_dir=run_dir,
@@ -166,6 +168,7 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
         deepspeed_config=deepspeed_config,
         resume_from=resume_from,
         resume_state=resume_state,
+        init_from=init_from,
         eval_hooks=instantiate_eval_hooks(train.eval_hooks),
         stop_file=Path(train.stop_file) if train.stop_file else run_dir / "STOP",
     )
@@ -231,7 +234,6 @@ class StepResult:
     grad_norm: float | None
     lr: float
     stop: bool  # some rank asked to stop: save and exit after this step
-    skipped: bool
 
 
 class Trainer:
@@ -306,11 +308,10 @@ class Trainer:
             load_weights(model, load_state_dict(plan.resume_from), plan.resume_from)
             if config.init_from is not None:
                 log.info("resuming %s: init_from=%s only starts a run", plan.resume_from, config.init_from)
-        elif config.init_from is not None:
-            source = resolve_checkpoint(config.init_from)
-            for note in transfer_weights(model, source, expand=config.init_expand):
-                log.info("init_from %s: %s", source, note)
-            log.info("init_from %s: weights carried; new optimizer, schedule and data order", source)
+        elif plan.init_from is not None:
+            for note in transfer_weights(model, plan.init_from, expand=config.init_expand):
+                log.info("init_from %s: %s", plan.init_from, note)
+            log.info("init_from %s: weights carried; new optimizer, schedule and data order", plan.init_from)
         return model
 
     # --- run dir ---------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ class Trainer:
                 "data_dir": str(plan.data.dir),
                 "data_fingerprint": plan.data.fingerprint,
                 "resumed_from": str(plan.resume_from) if plan.resume_from else None,
-                "init_from": plan.config.init_from if plan.resume_from is None else None,
+                "init_from": str(plan.init_from) if plan.init_from else None,
             },
         )
         handler = logging.FileHandler(self.run_dir / LOG_FILE)
@@ -445,7 +446,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, stop=stop_votes > 0, skipped=skipped)
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, stop=stop_votes > 0)
 
     def _on_nonfinite(self, step: int, loss: float, grad_norm: float | None) -> None:
         """Stop (no checkpoint of this step: the last saved one stays the restart point) or count a skipped step."""

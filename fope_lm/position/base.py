@@ -147,11 +147,15 @@ class RotaryEncoding(PositionEncoding):
     def rotate(self, x: torch.Tensor, positions: torch.Tensor, dynamic_len: int | None = None) -> torch.Tensor:
         """Rotate x (B, H, T, head_dim) at absolute int positions (T,)."""
         cos, sin = self.cos_sin(positions, device=x.device, dtype=x.dtype, dynamic_len=dynamic_len)
-        return apply_rotary(x, cos, sin)
+        return self.apply_table(x, cos, sin)
 
     def rotate_qk(self, q, k, positions, dynamic_len=None):
         cos, sin = self.cos_sin(positions, device=q.device, dtype=q.dtype, dynamic_len=dynamic_len)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.apply_table(q, cos, sin), self.apply_table(k, cos, sin)
+
+    def apply_table(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x rotated by a cos/sin table of this encoding; a subclass may rotate only part of x."""
+        return apply_rotary(x, cos, sin)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None  # loaded state may change the table (FoPE coefficients)

@@ -27,19 +27,11 @@ class PartialRotaryPositionEncoding(RotaryPositionEncoding):
     def inv_freq(self, dynamic_len=None):
         return rope_inv_freq(self.rot_dim, self.theta)
 
-    def _rotate_slice(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def apply_table(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rot_dim == 0:
             return x
         rotated, passed = x[..., : self.rot_dim], x[..., self.rot_dim :]
         return torch.cat((apply_rotary(rotated, cos, sin), passed), dim=-1)
-
-    def rotate(self, x, positions, dynamic_len=None):
-        cos, sin = self.cos_sin(positions, device=x.device, dtype=x.dtype, dynamic_len=dynamic_len)
-        return self._rotate_slice(x, cos, sin)
-
-    def rotate_qk(self, q, k, positions, dynamic_len=None):
-        cos, sin = self.cos_sin(positions, device=q.device, dtype=q.dtype, dynamic_len=dynamic_len)
-        return self._rotate_slice(q, cos, sin), self._rotate_slice(k, cos, sin)
 
     def extra_repr(self) -> str:
         return f"fraction={self.fraction:g}, rot_dim={self.rot_dim}/{self.head_dim}"

@@ -13,12 +13,14 @@ from fope_lm.position.rope import RotaryPositionEncoding
 
 @register("rope_clip")
 class ClippedRotaryPositionEncoding(RotaryPositionEncoding):
+    def __init__(self, **base):
+        super().__init__(**base)
+        self.n_kept = kept_frequencies(self.head_dim, self.theta, self.max_seq_len).numel()  # FoPE's K
+
     def inv_freq(self, dynamic_len=None):
         freqs = super().inv_freq(dynamic_len)  # w_i = theta^(-2i/d_h), highest first
-        n_kept = kept_frequencies(self.head_dim, self.theta, self.max_seq_len).numel()  # FoPE's K
-        freqs[n_kept:] = 0.0  # zero frequency: t * 0 = 0 at every position
+        freqs[self.n_kept :] = 0.0  # zero frequency: t * 0 = 0 at every position
         return freqs
 
     def extra_repr(self) -> str:
-        n_kept = self.rotary_frequencies().numel()
-        return f"kept {n_kept}/{self.head_dim // 2} pairs (w >= 2*pi/{self.max_seq_len})"
+        return f"kept {self.n_kept}/{self.head_dim // 2} pairs (w >= 2*pi/{self.max_seq_len})"

@@ -47,6 +47,16 @@ def _next_tokens(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def prefill(model: Transformer, prompts: torch.Tensor, *, dynamic_len: int) -> KVCache:
+    """The KV cache of prompts[:, :-1]. `greedy_generate` and `continuation_logprobs` both continue from the last
+    prompt token, so one prefill (built for their common dynamic_len) can serve both."""
+    cache = KVCache(model.config.n_layers)
+    if prompts.shape[1] > 1:
+        model.hidden_states(prompts[:, :-1], kv_cache=cache, dynamic_len=dynamic_len)
+    return cache
+
+
+@torch.no_grad()
 def greedy_generate(
     model: Transformer,
     prompts: torch.Tensor,
@@ -54,17 +64,19 @@ def greedy_generate(
     *,
     use_cache: bool = True,
     dynamic_len: int | None = None,
+    prefix: KVCache | None = None,
 ) -> torch.Tensor:
     """Greedy continuations (B, max_new_tokens) of equal-length prompts (B, T).
 
     use_cache=False recomputes the whole sequence at every step (the reference the cache must match).
     dynamic_len defaults to T + max_new_tokens, the length dynamic YaRN scales for on both paths.
+    prefix: `prefill(model, prompts, dynamic_len=...)` for the same dynamic_len, if already computed (left unchanged).
     """
     dynamic_len = dynamic_len or prompts.shape[1] + max_new_tokens
     new_tokens = []
     if use_cache:
-        cache = KVCache(model.config.n_layers)
-        step_input = prompts
+        cache = _branch(prefix if prefix is not None else prefill(model, prompts, dynamic_len=dynamic_len))
+        step_input = prompts[:, -1:]
         for _ in range(max_new_tokens):
             hidden = model.hidden_states(step_input, start_pos=cache.length, kv_cache=cache, dynamic_len=dynamic_len)
             new_tokens.append(_next_tokens(model, hidden))
@@ -92,12 +104,13 @@ def continuation_logprobs(
     continuations: list[list[list[int]]],
     *,
     dynamic_len: int | None = None,
+    prefix: KVCache | None = None,
 ) -> torch.Tensor:
     """Summed log-probability of each candidate continuation after its prompt (teacher forcing).
 
     prompts: (B, T) equal-length prompts; continuations[b][j]: the token ids of candidate j for prompt b
     (every prompt has the same number of candidates). Returns (B, n_candidates) float32.
-    The prompt is run once into a KV cache; each candidate extends a branch of it.
+    The prompt is run once into a KV cache (or `prefix`, as in `greedy_generate`); each candidate extends a branch of it.
     """
     batch, length = prompts.shape
     n_candidates = len(continuations[0])
@@ -105,8 +118,7 @@ def continuation_logprobs(
     dynamic_len = dynamic_len or length + longest
     device = prompts.device
 
-    cache = KVCache(model.config.n_layers)
-    model.hidden_states(prompts[:, :-1], kv_cache=cache, dynamic_len=dynamic_len)
+    cache = prefix if prefix is not None else prefill(model, prompts, dynamic_len=dynamic_len)
     # The last prompt token leads each candidate, so its logits predict the candidate's first token.
     scores = torch.empty(batch, n_candidates)
     for j in range(n_candidates):

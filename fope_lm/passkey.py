@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from fope_lm.errors import ConfigError
-from fope_lm.generate import continuation_logprobs, greedy_generate, inference
+from fope_lm.generate import continuation_logprobs, greedy_generate, inference, prefill
 from fope_lm.model import Transformer
 
 TASK = (
@@ -163,12 +163,13 @@ def evaluate_passkey(
                 input_ids = torch.tensor([prompt.token_ids for prompt in built], device=device)
                 dynamic_len = length + max_new_tokens
 
-                generated = greedy_generate(model, input_ids, max_new_tokens, dynamic_len=dynamic_len)
+                prefix = prefill(model, input_ids, dynamic_len=dynamic_len)  # the long prompt, run once for both scores
+                generated = greedy_generate(model, input_ids, max_new_tokens, dynamic_len=dynamic_len, prefix=prefix)
                 for trial, new_tokens in zip(batch, generated.tolist()):
                     greedy_correct.append(first_integer(tokenizer.decode(new_tokens)) == trial.key)
 
                 candidates = [[prompts.answer(key) for key in (trial.key, *trial.distractors)] for trial in batch]
-                scores = continuation_logprobs(model, input_ids, candidates, dynamic_len=dynamic_len)
+                scores = continuation_logprobs(model, input_ids, candidates, dynamic_len=dynamic_len, prefix=prefix)
                 forced_correct += (scores[:, 0] > scores[:, 1:].max(dim=1).values).tolist()
                 key_logprobs += scores[:, 0].tolist()
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fope_lm.errors import ConfigError
-from fope_lm.generate import continuation_logprobs, greedy_generate
+from fope_lm.generate import continuation_logprobs, greedy_generate, prefill
 from fope_lm.model import build_model
 from fope_lm.passkey import MAX_KEY, PasskeyPrompts, first_integer, sample_trials
 
@@ -91,6 +91,20 @@ def test_kv_cache_generation_equals_full_recompute(pe, options):
     assert cached.shape == (3, 10)
     assert torch.equal(cached, recomputed)
     assert cached.max() < 300  # padded vocab rows (300..383) are never emitted
+
+
+@pytest.mark.parametrize("length", [24, 1])
+def test_one_prefill_serves_generation_and_scoring(length):
+    # passkey runs the long prompt once: both consumers branch the shared prefix and leave it as it was
+    model = build_model("tiny", pe="fope", vocab_size=300, max_seq_len=16).eval()
+    prompts = torch.randint(0, 300, (2, length))
+    continuations = [[[5, 6], [7]], [[8], [9, 10, 11]]]
+    prefix = prefill(model, prompts, dynamic_len=length + 10)
+    cached = greedy_generate(model, prompts, 10, dynamic_len=length + 10, prefix=prefix)
+    scores = continuation_logprobs(model, prompts, continuations, dynamic_len=length + 10, prefix=prefix)
+    assert prefix.length == length - 1
+    assert torch.equal(cached, greedy_generate(model, prompts, 10, use_cache=False, dynamic_len=length + 10))
+    assert torch.equal(scores, continuation_logprobs(model, prompts, continuations, dynamic_len=length + 10))
 
 
 def test_dynamic_yarn_scale_is_fixed_per_prompt():

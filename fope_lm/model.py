@@ -135,10 +135,15 @@ class Attention(nn.Module):
             **config.pe_options,
         )
 
+    def rotated_qkv(self, x, positions, dynamic_len: int | None = None):
+        """q, k, v (B, H, T, Dh) of x (B, T, D), q and k after the position encoding."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return (*self.pe.rotate_qk(q, k, positions, dynamic_len), v)
+
     def forward(self, x, positions, kv_cache: KVCache | None = None, dynamic_len: int | None = None):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
-        q, k = self.pe.rotate_qk(q, k, positions, dynamic_len)
+        q, k, v = self.rotated_qkv(x, positions, dynamic_len)
         k_positions = positions
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)

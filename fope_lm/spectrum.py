@@ -28,6 +28,7 @@ import torch
 from fope_lm.attention import BIAS_CHUNK_ELEMENTS
 from fope_lm.checkpoint import CONFIG_FILE, load_model, read_model_config, resolve_checkpoint
 from fope_lm.errors import DataError
+from fope_lm.generate import inference
 from fope_lm.position import PositionEncoding
 from fope_lm.provenance import git_sha
 
@@ -35,13 +36,6 @@ SPAN = 4  # analysed sequences are SPAN * L tokens: resolves the SPAN - 1 bins b
 
 
 # --- logits by relative distance --------------------------------------------------------------------------------
-def attention_qk(attn, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k (B, H, T, Dh) of one `fope_lm.model.Attention` after its position encoding, as its forward makes them."""
-    B, T, _ = x.shape
-    q, k, _ = attn.qkv(x).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return attn.pe.rotate_qk(q, k, positions)
-
-
 def logit_sums_by_distance(
     q: torch.Tensor, k: torch.Tensor, pe: PositionEncoding, *, chunk_elements: int = BIAS_CHUNK_ELEMENTS
 ) -> torch.Tensor:
@@ -66,7 +60,6 @@ def logit_sums_by_distance(
     return sums
 
 
-@torch.no_grad()
 def mean_logit_by_distance(
     model, sequences: torch.Tensor, *, batch_size: int = 1, chunk_elements: int = BIAS_CHUNK_ELEMENTS
 ) -> tuple[np.ndarray, float]:
@@ -83,27 +76,25 @@ def mean_logit_by_distance(
     def capture(layer):
         def hook(attn, args):
             x, positions = args[0], args[1]
-            q, k = attention_qk(attn, x, positions)
+            q, k, _ = attn.rotated_qkv(x, positions)
             total = logit_sums_by_distance(q, k, attn.pe, chunk_elements=chunk_elements)
             sums[layer] = total if sums[layer] is None else sums[layer] + total
 
         return hook
 
     handles = [block.attn.register_forward_pre_hook(capture(i)) for i, block in enumerate(model.blocks)]
-    was_training = model.training
-    model.eval()
     loss_sum, n_targets = 0.0, 0
     try:
-        for batch in sequences.split(batch_size):
-            batch = batch.to(device)
-            labels = torch.full_like(batch, -100)
-            labels[:, :-1] = batch[:, 1:]
-            out = model(batch, labels, loss_chunk_size=256, reduction="sum")
-            loss_sum, n_targets = loss_sum + out.loss.item(), n_targets + int(out.n_targets)
+        with inference(model):
+            for batch in sequences.split(batch_size):
+                batch = batch.to(device)
+                labels = torch.full_like(batch, -100)
+                labels[:, :-1] = batch[:, 1:]
+                out = model(batch, labels, loss_chunk_size=256, reduction="sum")
+                loss_sum, n_targets = loss_sum + out.loss.item(), n_targets + int(out.n_targets)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     counts = n_sequences * (T - torch.arange(T, dtype=torch.float64))  # pairs (i, i - d) per distance
     curves = torch.stack(sums).cpu() / counts
     return curves.numpy(), loss_sum / max(n_targets, 1)

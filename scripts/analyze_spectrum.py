@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from fope_lm.errors import FopeError
+from fope_lm.evaluate import resolve_device
 from fope_lm.spectrum import analyze_checkpoint
 
 
@@ -38,8 +37,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        device = resolve_device(args.device)
         summary = analyze_checkpoint(
             args.checkpoint,
             args.out,

@@ -303,7 +303,7 @@ def dense_layer_curves(model, ids):
     T = ids.shape[1]
     positions = torch.arange(T)
     for attn, x in captured:
-        q, k = spectrum.attention_qk(attn, x, positions)
+        q, k, _ = attn.rotated_qkv(x, positions)
         scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).double()
         if attn.pe.has_attention_bias:
             scores = scores + attn.pe.attention_bias(positions, positions).double()
@@ -324,7 +324,7 @@ def test_mean_logit_by_distance_matches_dense_reference_and_the_models_attention
     B, T, D = x.shape
     positions = torch.arange(T)
     with torch.no_grad():
-        q, k = spectrum.attention_qk(attn, x, positions)
+        q, k, _ = attn.rotated_qkv(x, positions)
         v = attn.qkv(x).view(B, T, 3, attn.n_heads, attn.head_dim)[:, :, 2].transpose(1, 2)
         bias = attn.pe.attention_bias(positions, positions) if attn.pe.has_attention_bias else 0.0
         y = dense_reference(q, k, v, bias, positions, positions)

@@ -8,7 +8,6 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 PYTEST_ARGS ?=
-DEMO_STEPS ?= 600
 
 .PHONY: install lint format test demo bench clean
 
@@ -32,8 +31,9 @@ format: install
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# DEMO_STEPS=N make demo: N training steps per PE (default: scripts/demo.py's, 600)
 demo: install
-	$(PY) scripts/demo.py --steps $(DEMO_STEPS)
+	$(PY) scripts/demo.py $(if $(DEMO_STEPS),--steps $(DEMO_STEPS))
 
 bench: install
 	$(PY) scripts/bench/pe_overhead.py

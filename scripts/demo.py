@@ -17,7 +17,6 @@ with two threads each.
 """
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -33,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from fope_lm.data import ensure_prepared  # noqa: E402
+from fope_lm.metrics import read_metrics  # noqa: E402
 
 import compare_results  # noqa: E402  (scripts/, next to this file)
 
@@ -62,10 +62,8 @@ class Job:
 
 def last_logged_step(metrics_file: Path) -> int:
     """The newest step in a run's metrics.jsonl (the trainer appends one line per log interval)."""
-    if not metrics_file.is_file():
-        return 0
-    lines = metrics_file.read_text().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
+    records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    return records[-1]["step"] if records else 0
 
 
 def evaluated_lengths(log: Path) -> int:
@@ -109,8 +107,8 @@ def run_jobs(title: str, jobs: list[Job], n_parallel: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    steps = int(os.environ.get("DEMO_STEPS", 600))  # 600: ~20 min on 2 CPU cores, the same ordering as 800
-    parser.add_argument("--steps", type=int, default=steps, help="training steps per PE (env DEMO_STEPS)")
+    # 600: ~20 min on 2 CPU cores, the same ordering as 800 (`DEMO_STEPS=N make demo` passes --steps N)
+    parser.add_argument("--steps", type=int, default=600, help="training steps per PE")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences of 128 tokens per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (a tiny model trains well at a high one)")
     parser.add_argument("--pes", default=",".join(PES), help="comma-separated subset of the runs (configs/pe/<name>.yaml)")

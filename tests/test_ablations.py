@@ -28,13 +28,7 @@ NEW_PES = ["rope_clip", "p_rope", "partial_rope", "kerple_log"]
 NEW_CONFIGS = NEW_PES + ["fope_noclip", "fope_nomix", "fope_learnable", "fope_pad0", "fope_nocap"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pe(name, head_dim=64, n_heads=2, max_seq_len=512, **options):

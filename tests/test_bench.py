@@ -5,9 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-
-from test_hf import one_thread  # noqa: F401 (autouse fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
 import eval_memory  # noqa: E402
@@ -16,6 +15,8 @@ import pe_overhead  # noqa: E402
 import step_vs_hf  # noqa: E402
 
 from fope_lm.model import build_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_lines(path: Path) -> list[dict]:

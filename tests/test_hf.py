@@ -43,13 +43,7 @@ CASES = {  # name: (pe, pe_options, other ModelConfig overrides)
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: tiny models run many small ops, which OpenMP threads on a shared 2-core machine slow ~6x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -118,16 +118,24 @@ def eval_forward(model, ids: torch.Tensor, *, loss_chunk: int, device: torch.dev
     return seconds, memory.peak
 
 
-def warm_up(models: dict, ids: torch.Tensor, **kwargs) -> None:
-    """One forward per model at the longest length: rotary tables are built (and cached, sliced for any shorter
-    length) before anything is measured."""
-    for model in models.values():
-        eval_forward(model, ids, **kwargs)
-
-
 def build_eval_model(preset: str, pe: str, *, vocab: int, train_len: int, device: torch.device):
     with device:  # initialised where it runs
         return build_model(preset, pe=pe, vocab_size=vocab, max_seq_len=train_len).eval()
+
+
+def warmed_up_models(preset: str, pes: list[str], *, vocab: int, train_len: int, max_len: int, **forward_kwargs):
+    """({pe: model}, random ids of max_len + 1 tokens) after one forward per model at max_len: rotary tables are
+    built (and cached, sliced for any shorter length) before anything is measured."""
+    device = forward_kwargs["device"]
+    models = {pe: build_eval_model(preset, pe, vocab=vocab, train_len=train_len, device=device) for pe in pes}
+    ids = torch.randint(0, vocab, (1, max_len + 1), device=device)
+    eval_round(models, ids, max_len, **forward_kwargs)
+    return models, ids
+
+
+def eval_round(models: dict, ids: torch.Tensor, length: int, **forward_kwargs) -> dict[str, tuple[float, int]]:
+    """One eval forward per model at `length`, round-robin: {pe: (seconds, peak bytes)}."""
+    return {pe: eval_forward(model, ids[:, : length + 1], **forward_kwargs) for pe, model in models.items()}
 
 
 def main(argv=None) -> list[dict]:
@@ -139,17 +147,14 @@ def main(argv=None) -> list[dict]:
     while (length := args.min_len * 2 ** len(lengths)) <= args.max_len:
         lengths.append(length)
     pes = args.pes.split(",")
-    models = {pe: build_eval_model(args.preset, pe, vocab=args.vocab, train_len=args.train_len, device=device) for pe in pes}
-    ids = torch.randint(0, args.vocab, (1, lengths[-1] + 1), device=device)
-
-    warm_up(models, ids, loss_chunk=args.loss_chunk, device=device, dtype=dtype)
+    forward_kwargs = {"loss_chunk": args.loss_chunk, "device": device, "dtype": dtype}
+    models, ids = warmed_up_models(args.preset, pes, vocab=args.vocab, train_len=args.train_len, max_len=lengths[-1], **forward_kwargs)
     rows = []
     for length in lengths:
         seconds = {pe: [] for pe in pes}
         peaks = {pe: 0 for pe in pes}
         for _ in range(args.repeats):
-            for pe, model in models.items():
-                t, peak = eval_forward(model, ids[:, : length + 1], loss_chunk=args.loss_chunk, device=device, dtype=dtype)
+            for pe, (t, peak) in eval_round(models, ids, length, **forward_kwargs).items():
                 seconds[pe].append(t)
                 peaks[pe] = max(peaks[pe], peak)
         baseline = statistics.median(seconds[pes[0]])

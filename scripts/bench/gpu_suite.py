@@ -215,11 +215,8 @@ def mfu_step(preset: str, seq_len: int, *, pe: str, compile: bool, kernel: str, 
 
 def eval_length(length: int, models: dict, ids: torch.Tensor, sizes: Sizes, device: torch.device) -> dict:
     """eval_memory at one length: one forward per PE, round-robin."""
-    results = {}
-    for pe, model in models.items():
-        seconds, peak = eval_memory.eval_forward(model, ids[:, : length + 1], loss_chunk=sizes.loss_chunk, device=device, dtype=sizes.dtype)
-        results[pe] = {"peak_mib": peak / 2**20, "us_per_token": seconds / length * 1e6}
-    return results
+    rounds = eval_memory.eval_round(models, ids, length, loss_chunk=sizes.loss_chunk, device=device, dtype=sizes.dtype)
+    return {pe: {"peak_mib": peak / 2**20, "us_per_token": seconds / length * 1e6} for pe, (seconds, peak) in rounds.items()}
 
 
 def report(path: str) -> None:
@@ -329,12 +326,10 @@ def run_groups(suite: Suite, groups: set[str], sizes: Sizes, device: torch.devic
 
     if "eval_memory" in groups:
         pes = ["rope", "nope", "alibi", "fope"]
-        models = {
-            pe: eval_memory.build_eval_model(sizes.eval_preset, pe, vocab=sizes.vocab, train_len=sizes.train_lens[0], device=device)
-            for pe in pes
-        }
-        ids = torch.randint(0, sizes.vocab, (1, sizes.eval_lens[-1] + 1), device=device)
-        eval_memory.warm_up(models, ids, loss_chunk=sizes.loss_chunk, device=device, dtype=sizes.dtype)
+        models, ids = eval_memory.warmed_up_models(
+            sizes.eval_preset, pes, vocab=sizes.vocab, train_len=sizes.train_lens[0], max_len=sizes.eval_lens[-1],
+            loss_chunk=sizes.loss_chunk, device=device, dtype=sizes.dtype,
+        )  # fmt: skip
         for length in sizes.eval_lens:
             suite.run(
                 "eval_memory",

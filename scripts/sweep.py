@@ -143,14 +143,19 @@ def commands(run: Run, run_root: str, train_args: list[str], eval_args: list[str
 
 
 def gpu_hours(run: Run, *, mfu: float, peak_tflops: float) -> tuple[float, float]:
-    """(training tokens, GPU hours) of a run: tokens x FLOPs/token (6N + 12 L d T) / (MFU x peak)."""
+    """(training tokens, GPU hours) of a run: its config's steps x tokens per step x FLOPs/token (6N + 12 L d T)
+    / (MFU x peak)."""
     import torch
+    from hydra import compose, initialize_config_dir
 
+    from fope_lm.config import TrainConfig, validated
     from fope_lm.model import build_model
 
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        train = validated(TrainConfig, compose("train", overrides=[f"+experiment={run.name}"])).train
     with torch.device("meta"):
         model = build_model(run.model, pe="rope", vocab_size=50280, max_seq_len=run.seq_len)
-    tokens = {"c4": 10e9, "books": 5.3e9, "continuation": 2000 * 524288}[run.base]
+    tokens = train.max_steps * train.tokens_per_step
     seconds = tokens * model.flops_per_token(run.seq_len) / (mfu * peak_tflops * 1e12)
     return tokens, seconds / 3600
 

@@ -127,7 +127,25 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu", **c
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 STAGING_SUFFIX = ".tmp"
+RUN_INFO = "run_info.json"  # the trainer's provenance, in the run dir
 _STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def checkpoint_metadata(directory: str | Path) -> dict:
+    """What the trainer recorded next to the model config (train_seq_len, data_dir, data_fingerprint, step, ...)."""
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+def recorded_data_dir(checkpoint: Path) -> tuple[str, Path] | None:
+    """(data_dir, the file that names it) for the data a checkpoint was trained on: its metadata's, else its run's
+    run_info.json (the checkpoint is <run_dir>/checkpoints/step_N); None when neither records one."""
+    sources = [checkpoint / CONFIG_FILE]
+    if checkpoint.parent.name == CHECKPOINTS_DIR:
+        sources.append(checkpoint.parent.parent / RUN_INFO)
+    for source in sources:
+        if source.is_file() and (data_dir := json.loads(source.read_text()).get("data_dir")):
+            return data_dir, source
+    return None
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:

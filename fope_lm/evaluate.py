@@ -216,11 +216,6 @@ def length_eval_hook(
 
 
 # --- a checkpoint, end to end ---------------------------------------------------------------------------------
-def checkpoint_metadata(directory: Path) -> dict:
-    """What the trainer recorded next to the model config (train_seq_len, data_fingerprint, step, ...)."""
-    return json.loads((directory / checkpoints.CONFIG_FILE).read_text())
-
-
 def yarn_overrides(trained: ModelConfig, yarn: YarnEvalConfig) -> dict:
     """load_model overrides that apply YaRN at evaluation time; the weights are untouched.
 
@@ -281,7 +276,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     started = time.perf_counter()
     checkpoint_dir = checkpoints.resolve_checkpoint(cfg.checkpoint)
     trained = checkpoints.read_model_config(checkpoint_dir)
-    metadata = checkpoint_metadata(checkpoint_dir)
+    metadata = checkpoints.checkpoint_metadata(checkpoint_dir)
     train_len = metadata.get("train_seq_len", trained.max_seq_len)
     device = resolve_device(cfg.device)
     autocast_dtype = resolve_autocast(cfg.dtype, device)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fope_lm.attention import BIAS_CHUNK_ELEMENTS
-from fope_lm.checkpoint import CONFIG_FILE, load_model, read_model_config, resolve_checkpoint
+from fope_lm.checkpoint import checkpoint_metadata, load_model, read_model_config, recorded_data_dir, resolve_checkpoint
 from fope_lm.errors import DataError
 from fope_lm.generate import inference
 from fope_lm.position import PositionEncoding
@@ -129,18 +129,10 @@ def low_frequency_fraction(energy: np.ndarray, n: int, max_seq_len: int) -> np.n
 
 # --- a checkpoint, end to end ----------------------------------------------------------------------------------
 def checkpoint_data(checkpoint: str | Path) -> dict:
-    """What a checkpoint records about its training data: {"dir": ..., "fingerprint": ...}, None if unknown.
-
-    The trainer writes `data_fingerprint` into model_config.json and `data_dir` into its run's run_info.json
-    (<run>/checkpoints/step_NNNNNN -> <run>/run_info.json).
-    """
-    from fope_lm.train import RUN_INFO  # here: the trainer imports accelerate, hydra, the data package
-
+    """What a checkpoint records about its training data: {"dir": ..., "fingerprint": ...}, None if unknown."""
     checkpoint = Path(checkpoint)
-    fingerprint = json.loads((checkpoint / CONFIG_FILE).read_text()).get("data_fingerprint")
-    run_info = checkpoint.parent.parent / RUN_INFO
-    data_dir = json.loads(run_info.read_text()).get("data_dir") if run_info.is_file() else None
-    return {"dir": data_dir, "fingerprint": fingerprint}
+    recorded = recorded_data_dir(checkpoint)
+    return {"dir": recorded and recorded[0], "fingerprint": checkpoint_metadata(checkpoint).get("data_fingerprint")}
 
 
 def validation_sequences(

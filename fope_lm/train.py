@@ -32,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fope_lm import faults
 from fope_lm.checkpoint import (
+    RUN_INFO,
     checkpoint_dir,
     find_latest_checkpoint,
     load_state_dict,
@@ -68,7 +69,6 @@ log = logging.getLogger(__name__)
 
 # Files of a run dir, and of each checkpoint besides model.safetensors + model_config.json.
 CONFIG_YAML = "config.yaml"
-RUN_INFO = "run_info.json"
 METRICS = "metrics.jsonl"
 LOG_FILE = "train.log"
 TRAINER_STATE = "trainer_state.json"

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import pkgutil
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from fope_lm.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, load_model, resolve_checkpoint
+from fope_lm.checkpoint import load_model, recorded_data_dir, resolve_checkpoint
 from fope_lm.data.format import TOKENIZER_DIR
 from fope_lm.errors import FopeError
 from fope_lm.hf.configuration_fope import FopeConfig
 from fope_lm.hf.modeling_fope import FopeForCausalLM
 from fope_lm.provenance import git_sha
-from fope_lm.train import RUN_INFO
 
 PACKAGE = "fope_lm"
 SHIPPED = ("configuration_fope", "modeling_fope")  # modules of fope_lm.hf copied into the export
@@ -81,20 +79,14 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
 
 
 def recorded_tokenizer_dir(checkpoint: Path) -> Path | None:
-    """<data_dir>/tokenizer of the data a checkpoint was trained on: `data_dir` from its metadata, else from its
-    run's run_info.json (the checkpoint is <run_dir>/checkpoints/step_N); None when neither records one."""
-    sources = [checkpoint / CONFIG_FILE]
-    if checkpoint.parent.name == CHECKPOINTS_DIR:
-        sources.append(checkpoint.parent.parent / RUN_INFO)
-    for source in sources:
-        if source.is_file():
-            data_dir = json.loads(source.read_text()).get("data_dir")
-            if data_dir:
-                tokenizer_dir = Path(data_dir) / TOKENIZER_DIR
-                if not tokenizer_dir.is_dir():
-                    raise ExportError(f"{source} names data dir {data_dir}, which has no {TOKENIZER_DIR}/: pass --tokenizer DIR")
-                return tokenizer_dir
-    return None
+    """<data_dir>/tokenizer of the data a checkpoint was trained on (`checkpoint.recorded_data_dir`), or None."""
+    if (recorded := recorded_data_dir(checkpoint)) is None:
+        return None
+    data_dir, source = recorded
+    tokenizer_dir = Path(data_dir) / TOKENIZER_DIR
+    if not tokenizer_dir.is_dir():
+        raise ExportError(f"{source} names data dir {data_dir}, which has no {TOKENIZER_DIR}/: pass --tokenizer DIR")
+    return tokenizer_dir
 
 
 # --- the code shipped into an export ---------------------------------------------------------------------

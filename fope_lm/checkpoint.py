@@ -223,9 +223,8 @@ def remove_checkpoints_after(run_dir: str | Path, step: int) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     removed = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if _STEP_DIR.fullmatch(path.name.removesuffix(STAGING_SUFFIX)) and (
-            checkpoint_step(path) > step or path.name.endswith(STAGING_SUFFIX)
-        ):
+        match = _STEP_DIR.fullmatch(path.name.removesuffix(STAGING_SUFFIX))
+        if match and (int(match.group(1)) > step or path.name.endswith(STAGING_SUFFIX)):
             shutil.rmtree(path)
             removed.append(path)
     return removed

@@ -405,8 +405,7 @@ class Trainer:
                     self.save(step)
                 if result.stop:
                     log.info("stopped at step %d (%s); resume with resume=auto", step, self.stop_requests.reason or "asked by another rank")
-                    if self.is_main:
-                        self.stop_requests.consume_stop_file()
+                    self.stop_requests.consume_stop_file()  # rank 0's: only it watches the file
                     break
         progress.close()
         self.finish()

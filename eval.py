@@ -2,7 +2,7 @@
 
     python eval.py checkpoint=runs/rope-tiny-L128-s0
     python eval.py checkpoint=runs/rope-tiny-L128-s0/checkpoints/step_000800 yarn.mode=dynamic
-Writes results.json / results.csv / results.md / perplexity.png to output_dir (default <checkpoint>/eval/<label>).
+Writes results.json / results.csv / results.md / perplexity.png to output_dir (default <run_dir>/eval/<step_N>/<label>).
 """
 
 import sys

@@ -7,11 +7,14 @@ This is the part every stage shares (trainer, eval, export). The trainer adds it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -22,6 +25,8 @@ from fope_lm.provenance import git_sha
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -127,7 +132,14 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu", **c
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 STAGING_SUFFIX = ".tmp"
+CORRUPT_SUFFIX = ".corrupt"  # a checkpoint that does not load, moved aside by resume=auto (never deleted)
 RUN_INFO = "run_info.json"  # the trainer's provenance, in the run dir
+EVAL_DIR = "eval"  # <run_dir>/eval/step_N/<label>/: eval.py's results for each checkpoint
+# What a training checkpoint holds besides the model files.
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+DEEPSPEED_STATE = "deepspeed"  # the DeepSpeed engine's own sharded model/optimizer states (pickles)
+RNG_STATE = "rng_rank{rank}.pt"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -146,6 +158,15 @@ def recorded_data_dir(checkpoint: Path) -> tuple[str, Path] | None:
         if source.is_file() and (data_dir := json.loads(source.read_text()).get("data_dir")):
             return data_dir, source
     return None
+
+
+def eval_dir(checkpoint: str | Path) -> Path:
+    """Where evaluations of a checkpoint go: <run_dir>/eval/step_N for a run's checkpoint (beside checkpoints/, so
+    pruning, overwrite and resume never delete results), <checkpoint>/eval for a checkpoint outside a run."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name == CHECKPOINTS_DIR:
+        return checkpoint.parent.parent / EVAL_DIR / checkpoint.name
+    return checkpoint / EVAL_DIR
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -189,6 +210,66 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / CONFIG_FILE).is_file() and not path.name.endswith(STAGING_SUFFIX):
         return path
     raise CheckpointError(f"{path} is neither a complete checkpoint nor a run directory with one")
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {checkpoint / TRAINER_STATE}: {exc}") from None
+
+
+def check_training_checkpoint(checkpoint: Path) -> dict:
+    """Raise CheckpointError unless every file of a training checkpoint is there and whole (a truncated or garbled
+    file fails here, before any compute); return its trainer state. Cheap: headers and zip directories, no tensors."""
+    state = read_trainer_state(checkpoint)
+    read_model_config(checkpoint)
+    try:
+        with safetensors.safe_open(str(checkpoint / WEIGHTS_FILE), "pt"):
+            pass  # checks the header and that the data it describes fills the file exactly
+    except Exception as exc:
+        raise CheckpointError(f"corrupt weights file {checkpoint / WEIGHTS_FILE} ({type(exc).__name__}: {exc})") from None
+    pickles = [checkpoint / OPTIMIZER_STATE] if (checkpoint / OPTIMIZER_STATE).exists() else []
+    if not pickles and not (checkpoint / DEEPSPEED_STATE).is_dir():
+        raise CheckpointError(f"{checkpoint} has neither {OPTIMIZER_STATE} nor {DEEPSPEED_STATE}/: its optimizer state is missing")
+    pickles += sorted(checkpoint.glob(RNG_STATE.format(rank="*"))) + sorted((checkpoint / DEEPSPEED_STATE).rglob("*.pt"))
+    for path in pickles:  # torch.save writes zip archives, whose directory sits at the end: truncation loses it
+        try:
+            zipfile.ZipFile(path).close()
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"corrupt checkpoint file {path} ({exc}): it was cut short or overwritten") from None
+    return state
+
+
+def move_aside(checkpoint: Path) -> Path:
+    """Rename a checkpoint that does not load to step_N.corrupt (step_N.corrupt.1, ... if taken): kept for a
+    post-mortem, never picked by resume=auto, never deleted."""
+    target = checkpoint.with_name(checkpoint.name + CORRUPT_SUFFIX)
+    n = 0
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{checkpoint.name}{CORRUPT_SUFFIX}.{n}")
+    os.replace(checkpoint, target)
+    return target
+
+
+def latest_loadable_checkpoint(run_dir: str | Path, *, move_corrupt: bool) -> Path | None:
+    """The newest complete checkpoint of a run whose files are whole (`check_training_checkpoint`), or None. Newer
+    ones that fail the check are skipped with a warning, and moved aside when `move_corrupt` (rank 0's job: every
+    rank reaches the same verdict on the same files)."""
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            check_training_checkpoint(checkpoint)
+            return checkpoint
+        except CheckpointError as exc:
+            where = f"moved aside to {move_aside(checkpoint).name}" if move_corrupt else "skipped"
+            log.warning("resume=auto: %s does not load (%s); %s, trying the next newest", checkpoint, exc, where)
+    return None
+
+
+def checkpoints_after(run_dir: str | Path, step: int) -> list[Path]:
+    """The complete checkpoints of a run of steps after `step`, oldest first."""
+    return [path for path in list_checkpoints(run_dir) if checkpoint_step(path) > step]
 
 
 def staging_dir(final: Path) -> Path:

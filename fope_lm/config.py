@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import PurePath
 from typing import Any, Dict, List, Optional, TypeVar
 
 import torch
@@ -65,7 +66,7 @@ class ModelSection:
 @dataclass
 class TrainSection:
     seq_len: int = MISSING
-    global_batch_size: int = MISSING
+    global_batch_size: Optional[int] = MISSING  # null with global_batch_tokens set
     global_batch_tokens: Optional[int] = None
     micro_batch_size: int = MISSING
     max_steps: int = MISSING
@@ -88,17 +89,26 @@ class TrainSection:
     compile: bool = MISSING
 
     def __post_init__(self):
-        positive = ("seq_len", "global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "save_interval")
+        if self.global_batch_size is None and self.global_batch_tokens is None:
+            raise ConfigError("set train.global_batch_size (sequences per step) or train.global_batch_tokens (tokens per step)")
+        positive = ("seq_len", "micro_batch_size", "log_interval", "eval_interval", "save_interval")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("global_batch_tokens", "max_tokens", "loss_chunk_size", "keep_last", "num_threads"):
+        for name in ("global_batch_size", "global_batch_tokens", "max_tokens", "loss_chunk_size", "keep_last", "num_threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"train.{name} must be positive or null, got {value}")
-        if self.max_steps < 0:
-            raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
-        if self.global_batch_tokens is not None:  # a token budget per step takes precedence over sequences
+        if self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be at least 1, got {self.max_steps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:  # a negative max norm flips the gradient's sign
+            raise ConfigError(f"train.grad_clip must be positive (the max gradient norm) or null for no clipping, got {self.grad_clip}")
+        if self.global_batch_tokens is not None:  # tokens per step instead of sequences per step
+            if self.global_batch_size is not None:
+                raise ConfigError(
+                    f"train.global_batch_size={self.global_batch_size} and train.global_batch_tokens={self.global_batch_tokens} "
+                    "are both set: set one, e.g. train.global_batch_size=null train.global_batch_tokens=..."
+                )
             if self.global_batch_tokens % self.seq_len:
                 raise ConfigError(f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of train.seq_len={self.seq_len}")
             self.global_batch_size = self.global_batch_tokens // self.seq_len
@@ -124,8 +134,14 @@ class OptimSection:
     alpha_f: float = MISSING
 
     def __post_init__(self):
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas needs two values, got {self.betas}")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"optim.betas needs two values in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps must be positive, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0 or not 0 <= self.alpha_f <= 1:
             raise ConfigError(f"optim.warmup_steps must be >= 0 and optim.alpha_f in [0, 1], got {self.warmup_steps}, {self.alpha_f}")
 
@@ -159,6 +175,12 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.pe, Mapping) or "name" not in self.pe:
             raise ConfigError("pe needs a name, e.g. +pe=fope or pe.name=rope")
+        name = PurePath(self.run_name)
+        if name.is_absolute() or ".." in name.parts or not name.parts:
+            raise ConfigError(
+                f"run_name={self.run_name!r} must name a directory inside run_root={self.run_root!r} (relative, no '..'): "
+                "to write elsewhere, set run_root"
+            )
 
 
 def validated(schema: type[T], cfg: DictConfig | Mapping) -> T:

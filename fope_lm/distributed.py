@@ -8,8 +8,10 @@ leaves them "auto" and gets them filled in here; a JSON that pins a different va
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from accelerate.utils import InitProcessGroupKwargs, str_to_bool
 from fope_lm.config import Precision, TrainSection
 from fope_lm.errors import ConfigError
 from fope_lm.model import Transformer
+
+log = logging.getLogger(__name__)
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
@@ -140,12 +144,18 @@ class StopRequests:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, stop_file: Path, *, watch_file: bool):
+    def __init__(self, stop_file: Path, *, watch_file: bool, not_before: float | None = None):
+        """not_before: when the run started (time.time()); a stop file older than that predates the run (a stop
+        that was never consumed) and is removed with a warning instead of stopping this run at its first step."""
         self.stop_file = stop_file
         self.watch_file = watch_file
         self.reason: str | None = None
         for signum in self.SIGNALS:
             signal.signal(signum, self._on_signal)
+        if watch_file and not_before is not None and stop_file.exists() and stop_file.stat().st_mtime < not_before:
+            created = datetime.fromtimestamp(stop_file.stat().st_mtime).isoformat(sep=" ", timespec="seconds")
+            stop_file.unlink(missing_ok=True)
+            log.warning("removed the stop file %s: it dates from %s, before this run started, so it does not stop it", stop_file, created)
 
     def _on_signal(self, signum, frame) -> None:
         self.reason = self.reason or signal.Signals(signum).name

@@ -73,7 +73,7 @@ class WandbConfig:
 @dataclass
 class EvalConfig:
     checkpoint: str = MISSING  # a checkpoint dir (step_XXXXXX) or a run dir (its newest complete checkpoint)
-    output_dir: str | None = None  # null: <checkpoint>/eval/<label>
+    output_dir: str | None = None  # null: <run_dir>/eval/<step_N>/<label> (a run's checkpoint)
     label: str | None = None  # the curve's name in tables and plots; null: the PE (+ eval-time YaRN)
     data: Any = None  # a data config (configs/data/*.yaml): the validation split and the tokenizer
     device: str = "auto"  # auto: cuda when available

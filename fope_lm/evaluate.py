@@ -1,4 +1,4 @@
-"""The evaluation protocol of shared/spec/evaluation.md: perplexity across context lengths and passkey retrieval.
+"""The evaluation protocol of docs/eval.md: perplexity across context lengths and passkey retrieval.
 
 Two entry points:
   - `perplexity_by_length(model, val_tokens, lengths, ...)`: model-only, for the trainer's in-loop eval;
@@ -377,7 +377,7 @@ def validate_results(results: dict) -> None:
 def output_dir_for(cfg: EvalConfig, results: dict) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
-    return Path(results["checkpoint"]) / "eval" / re.sub(r"[^A-Za-z0-9._+=-]+", "-", results["label"]).strip("-")
+    return checkpoints.eval_dir(results["checkpoint"]) / re.sub(r"[^A-Za-z0-9._+=-]+", "-", results["label"]).strip("-")
 
 
 def write_results(results: dict, output_dir: str | Path) -> dict[str, Path]:

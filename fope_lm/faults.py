@@ -6,6 +6,8 @@ FOPE_FAULT=<kind>:<step>[:<rank>] (every rank when no rank is given):
   sigterm_at_step       SIGTERM to self as step N starts (the graceful-stop path saves step N)
   stop_file_at_step     create the stop file as step N starts
   nan_loss_at_step      make step N's loss NaN (on_nonfinite handling)
+  hold_at_step          as step N starts, wait until a stop is requested (so a test can signal a run that is
+                        certainly still running, and knows the step it stops at)
 FOPE_DEBUG_DIGESTS=1: every rank writes sha256 digests of its model tensors at the start and end of training
   to <run_dir>/debug/digests_rank<r>.json (to compare ranks, and weights carried by init_from).
 """
@@ -16,12 +18,13 @@ import hashlib
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-KINDS = ("kill_after_step", "kill_during_save", "sigterm_at_step", "stop_file_at_step", "nan_loss_at_step")
+KINDS = ("kill_after_step", "kill_during_save", "sigterm_at_step", "stop_file_at_step", "nan_loss_at_step", "hold_at_step")
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,11 @@ class Fault:
         return self.kind == kind and self.step == step
 
 
-def trigger(fault: Fault | None, kind: str, step: int, *, stop_file: Path | None = None) -> bool:
-    """Act out `fault` if it is of `kind` at `step`. Returns whether it fired (for nan_loss_at_step)."""
+def trigger(fault: Fault | None, kind: str, step: int, *, stop_file: Path | None = None, stop_agreed=None) -> bool:
+    """Act out `fault` if it is of `kind` at `step`. Returns whether it fired (for nan_loss_at_step).
+
+    stop_agreed (hold_at_step): a collective that says whether any rank was asked to stop; every rank polls it
+    the same number of times, since all see the same answer."""
     if fault is None or not fault.fires(kind, step):
         return False
     if kind in ("kill_after_step", "kill_during_save"):
@@ -55,6 +61,9 @@ def trigger(fault: Fault | None, kind: str, step: int, *, stop_file: Path | None
         os.kill(os.getpid(), signal.SIGTERM)
     elif kind == "stop_file_at_step":
         stop_file.touch()
+    elif kind == "hold_at_step":
+        while not stop_agreed():
+            time.sleep(0.05)
     return True
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fope_lm.config import WandbMode, WandbSection
+from fope_lm.errors import FopeError
 
 log = logging.getLogger(__name__)
 
@@ -93,27 +94,45 @@ class Throughput:
 
 
 class MetricsFile:
-    """`metrics.jsonl`: one JSON object per logged step, appended and flushed as it happens."""
+    """`metrics.jsonl`: one JSON object per logged step, each appended whole by one write() as it happens."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def keep_until(self, step: int) -> None:
-        """Drop records after `step`: a resumed run rewrites the steps it repeats, so the file is one trajectory."""
+        """Drop records after `step`: a resumed run rewrites the steps it repeats, so the file is one trajectory.
+        A torn last line (a kill during its write) is dropped with a warning."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [record for record in read_metrics(self.path) if record["step"] <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = (json.dumps({"step": step, **metrics}) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one system call per record: a kill leaves whole lines, at worst a torn last one
+        finally:
+            os.close(fd)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The records of a metrics.jsonl. A torn last line (what a kill during a write leaves) is skipped with a warning;
+    a broken line before the last is an error, naming it."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise FopeError(f"{path} line {number} is not JSON ({line[:60]!r}): fix or delete that line") from None
+            log.warning("%s: dropped a torn last line (%d characters, from an interrupted write)", path, len(line))
+    return records
 
 
 # --- wandb -------------------------------------------------------------------------------------------

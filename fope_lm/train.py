@@ -11,7 +11,6 @@ every rank, so a mistake fails at once with a one-line message; `Trainer` then b
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,9 +31,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fope_lm import faults
 from fope_lm.checkpoint import (
+    CHECKPOINTS_DIR,
+    DEEPSPEED_STATE,
+    OPTIMIZER_STATE,
+    RNG_STATE,
     RUN_INFO,
+    TRAINER_STATE,
+    check_training_checkpoint,
     checkpoint_dir,
+    checkpoint_step,
+    checkpoints_after,
     find_latest_checkpoint,
+    latest_loadable_checkpoint,
+    list_checkpoints,
     load_state_dict,
     load_weights,
     prune_checkpoints,
@@ -67,14 +76,12 @@ from fope_lm.provenance import git_sha, package_versions
 
 log = logging.getLogger(__name__)
 
-# Files of a run dir, and of each checkpoint besides model.safetensors + model_config.json.
+# Files of a run dir (a checkpoint's own files: fope_lm.checkpoint).
 CONFIG_YAML = "config.yaml"
 METRICS = "metrics.jsonl"
 LOG_FILE = "train.log"
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_STATE = "optimizer.pt"
-DEEPSPEED_STATE = "deepspeed"  # the DeepSpeed engine's own sharded model/optimizer states (pickles)
-RNG_STATE = "rng_rank{rank}.pt"
+# Settings a resumed run may change (a run gets extended, its batch or schedule adjusted): warned and recorded.
+RESUME_MAY_CHANGE = ("train.global_batch_size", "train.max_steps", "optim.lr", "optim.warmup_steps", "optim.alpha_f")
 
 
 def main(cfg: DictConfig) -> None:
@@ -116,9 +123,12 @@ class Plan:
     deepspeed_config: dict | None
     resume_from: Path | None  # a complete checkpoint to continue, or None for a new run
     resume_state: dict | None  # its trainer_state.json
+    resume_changes: dict  # "section.key" -> [saved value, new value] for the RESUME_MAY_CHANGE settings that differ
     init_from: Path | None  # the checkpoint a new run starts from, resolved once (a run dir may gain newer ones)
+    keep_history_until: int  # the run dir's checkpoints and metrics after this step are another trajectory's
     eval_hooks: dict
     stop_file: Path
+    started: float  # time.time() when planning began: a stop file older than this predates the run
 
     @property
     def start_step(self) -> int:
@@ -126,6 +136,7 @@ class Plan:
 
 
 def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
+    started = time.time()
     config = validated(TrainConfig, cfg)
     train = config.train
     data = TokenData(ensure_prepared(DataConfig.from_cfg(config.data)))
@@ -148,11 +159,16 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
             raise ConfigError("train.on_nonfinite=skip does not work with DeepSpeed, which steps inside backward: use stop")
 
     run_dir = Path(config.run_root) / config.run_name
-    resume_from = resume_point(config, run_dir)
+    resume_from = resume_point(config, run_dir, rank=rank)
     resume_state = init_from = None
+    resume_changes = {}
     if resume_from is not None:
-        resume_state = read_trainer_state(resume_from)
+        resume_state = check_training_checkpoint(resume_from)
         check_resumable(resume_from, resume_state, model_config, data)
+        resume_changes = changed_settings(resume_state["config"], to_container(config))
+        if resume_state["step"] >= train.max_steps:
+            log.info("%s is at step %d, train.max_steps=%d: nothing to train (raise max_steps to extend the run)",
+                     resume_from, resume_state["step"], train.max_steps)  # fmt: skip
     elif config.init_from is not None:
         init_from = resolve_checkpoint(config.init_from)
         read_model_config(init_from)  # exists and is readable; shapes are checked on load
@@ -168,34 +184,57 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
         deepspeed_config=deepspeed_config,
         resume_from=resume_from,
         resume_state=resume_state,
+        resume_changes=resume_changes,
         init_from=init_from,
+        keep_history_until=resume_state["step"] if resume_from is not None and is_own_checkpoint(resume_from, run_dir) else 0,
         eval_hooks=instantiate_eval_hooks(train.eval_hooks),
         stop_file=Path(train.stop_file) if train.stop_file else run_dir / "STOP",
+        started=started,
     )
 
 
-def resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
-    latest = find_latest_checkpoint(run_dir)
+def resume_point(config: TrainConfig, run_dir: Path, *, rank: int) -> Path | None:
+    """The checkpoint this run continues, or None for a new one. Nothing of the run dir is deleted unless
+    overwrite=true: a run dir holds one trajectory, so what an explicit resume= would abandon is refused."""
     if config.resume is None:
+        latest = find_latest_checkpoint(run_dir)
         if latest is not None and not config.overwrite:
             raise CheckpointError(
                 f"{run_dir} already has checkpoints (newest {latest.name}): pass resume=auto to continue it, "
                 "overwrite=true to start it over, or another run_name"
             )
         return None
-    if config.resume == "auto":
-        return latest  # None: nothing saved yet, start (or init_from) as new
+    if config.resume == "auto":  # the newest that loads; None: nothing saved yet, start (or init_from) as new
+        return latest_loadable_checkpoint(run_dir, move_corrupt=rank == 0)
     checkpoint = resolve_checkpoint(config.resume)
     if not (checkpoint / TRAINER_STATE).is_file():
         raise CheckpointError(f"{checkpoint} holds weights only, no training state: start from it with init_from={checkpoint}")
+    own = is_own_checkpoint(checkpoint, run_dir)
+    abandoned = checkpoints_after(run_dir, checkpoint_step(checkpoint)) if own else list_checkpoints(run_dir)
+    if abandoned and not config.overwrite:
+        names = ", ".join(path.name for path in abandoned)
+        what = f"newer checkpoints ({names})" if own else f"checkpoints of its own ({names})"
+        raise CheckpointError(
+            f"resume={config.resume}: {run_dir} has {what} that continuing {checkpoint} would discard; pass "
+            f"resume=auto to continue its newest, overwrite=true to discard them, or another run_name to continue "
+            f"{checkpoint.name} in a new run dir"
+        )
     return checkpoint
 
 
-def read_trainer_state(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / TRAINER_STATE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {checkpoint / TRAINER_STATE}: {exc}") from None
+def is_own_checkpoint(checkpoint: Path, run_dir: Path) -> bool:
+    return checkpoint.resolve().parent == (run_dir / CHECKPOINTS_DIR).resolve()
+
+
+def changed_settings(saved: dict, new: dict) -> dict[str, list]:
+    """The RESUME_MAY_CHANGE settings whose value differs between a checkpoint's config and this run's."""
+    changes = {}
+    for key in RESUME_MAY_CHANGE:
+        section, name = key.split(".")
+        before = saved.get(section, {}).get(name)  # a checkpoint of older code may lack a key
+        if before != new[section][name]:
+            changes[key] = [before, new[section][name]]
+    return changes
 
 
 def check_resumable(checkpoint: Path, state: dict, model_config: ModelConfig, data: TokenData) -> None:
@@ -280,7 +319,7 @@ class Trainer:
             self._load_training_state(plan.resume_from, plan.resume_state)
 
         self.fault = faults.Fault.from_env(plan.rank)
-        self.stop_requests = StopRequests(plan.stop_file, watch_file=self.is_main)
+        self.stop_requests = StopRequests(plan.stop_file, watch_file=self.is_main, not_before=plan.started)
         self.metrics = MetricsFile(self.run_dir / METRICS)
         device_peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.throughput = Throughput(
@@ -319,9 +358,11 @@ class Trainer:
         """Rank 0: the run dir holds one trajectory, so what lies beyond the start step goes; then provenance."""
         plan = self.plan
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for path in remove_checkpoints_after(self.run_dir, plan.start_step):
+        for path in remove_checkpoints_after(self.run_dir, plan.keep_history_until):  # overwrite=true, or half-written
             log.warning("removed %s: this run continues from step %d", path, plan.start_step)
-        MetricsFile(self.run_dir / METRICS).keep_until(plan.start_step)
+        MetricsFile(self.run_dir / METRICS).keep_until(plan.keep_history_until)
+        for key, (saved, new) in plan.resume_changes.items():
+            log.warning("resuming %s with %s=%s (it was saved with %s)", plan.resume_from, key, new, saved)
         (self.run_dir / CONFIG_YAML).write_text(to_yaml(plan.config))
         write_json_atomic(
             self.run_dir / RUN_INFO,
@@ -338,6 +379,7 @@ class Trainer:
                 "data_dir": str(plan.data.dir),
                 "data_fingerprint": plan.data.fingerprint,
                 "resumed_from": str(plan.resume_from) if plan.resume_from else None,
+                "changed_on_resume": plan.resume_changes,
                 "init_from": str(plan.init_from) if plan.init_from else None,
             },
         )
@@ -386,6 +428,7 @@ class Trainer:
                 step = self.step + 1
                 faults.trigger(self.fault, "sigterm_at_step", step)
                 faults.trigger(self.fault, "stop_file_at_step", step, stop_file=plan.stop_file)
+                faults.trigger(self.fault, "hold_at_step", step, stop_agreed=self.stop_agreed)
                 started = time.perf_counter()
                 result = self.train_step(step)
                 self.throughput.add_step(time.perf_counter() - started)
@@ -446,6 +489,11 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, stop=stop_votes > 0)
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank has been asked to stop (a collective: every rank must call it)."""
+        flag = torch.tensor(float(self.stop_requests.requested()), device=self.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0
 
     def _on_nonfinite(self, step: int, loss: float, grad_norm: float | None) -> None:
         """Stop (no checkpoint of this step: the last saved one stays the restart point) or count a skipped step."""
@@ -567,14 +615,17 @@ class Trainer:
         else:
             if not (checkpoint / OPTIMIZER_STATE).is_file():
                 raise CheckpointError(f"{checkpoint} was saved with DeepSpeed: resume it with the same DeepSpeed config")
-            self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True))
+            self.optimizer.load_state_dict(load_torch_file(checkpoint / OPTIMIZER_STATE))
         self.batches.load_state_dict(state["data"])
         self.step, self.tokens_seen, self.skipped_steps = state["step"], state["tokens_seen"], state["skipped_steps"]
         rng_file = checkpoint / RNG_STATE.format(rank=self.plan.rank)
-        if state["world_size"] == self.plan.world_size and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+        note = rng_restore_note(
+            checkpoint, saved_by=state["world_size"], world_size=self.plan.world_size, rank=self.plan.rank, rng_file=rng_file
+        )
+        if note:
+            log.warning(note)
         else:
-            log.warning("%s was saved by %d ranks: the random state of this rank is seeded anew", checkpoint, state["world_size"])
+            set_rng_state(load_torch_file(rng_file))
         log.info("resumed %s at step %d (%d tokens seen)", checkpoint, self.step, self.tokens_seen)
 
     def finish(self) -> None:
@@ -584,6 +635,25 @@ class Trainer:
         # every rank reaches the end before the process group goes away (else exits race and some abort)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+
+def rng_restore_note(checkpoint: Path, *, saved_by: int, world_size: int, rank: int, rng_file: Path) -> str | None:
+    """Why this rank cannot restore its random state from a checkpoint, or None when it can."""
+    if saved_by != world_size:
+        ranks = f"{saved_by} rank{'' if saved_by == 1 else 's'}"
+        return f"{checkpoint} was saved by {ranks}, this run has {world_size}: the random state of each rank is seeded anew"
+    if not rng_file.is_file():
+        return f"{checkpoint} has no {rng_file.name}: the random state of rank {rank} is seeded anew"
+    return None
+
+
+def load_torch_file(path: Path):
+    """A checkpoint's torch.save file (tensors and plain containers only), or a one-line CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, garbled pickle, unpickling refused
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"cannot load {path} ({type(exc).__name__}: {first_line}); resume an older checkpoint") from None
 
 
 def perplexity(loss: float) -> float:

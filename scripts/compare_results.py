@@ -1,6 +1,6 @@
 """Overlay several evaluations (e.g. the five PEs of a sweep) in one perplexity plot and one table.
 
-    python scripts/compare_results.py runs/*/checkpoints/step_*/eval/*/results.json --output-dir outputs/compare
+    python scripts/compare_results.py runs/*/eval/step_*/*/results.json --output-dir outputs/compare
 Each argument is a results.json or an eval output dir holding one. Writes comparison.png, comparison.csv and
 comparison.md to --output-dir and prints the markdown table (ppl per length, one column per run).
 """

@@ -136,9 +136,8 @@ def commands(run: Run, run_root: str, train_args: list[str], eval_args: list[str
         return key, argv + overrides + eval_args
 
     jobs = [(run.name, train), evaluation(f"eval_{run.name}", [])]
-    if run.eval_yarn:  # the same RoPE checkpoint, with dynamic YaRN applied at eval time
-        output = f"output_dir={run_root}/{run.name}/eval/yarn_dynamic"
-        jobs.append(evaluation(f"eval_{run.name}_yarn", ["yarn.mode=dynamic", f"label={run.name}+yarn", output]))
+    if run.eval_yarn:  # the same RoPE checkpoint, with dynamic YaRN applied at eval time (<run>/eval/step_N/<label>)
+        jobs.append(evaluation(f"eval_{run.name}_yarn", ["yarn.mode=dynamic", f"label={run.name}+yarn"]))
     return jobs
 
 

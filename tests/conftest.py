@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "fixtures", "fope")
+FIXTURES_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "fope")  # the official code's outputs (its README)
 
 
 @pytest.fixture(autouse=True)

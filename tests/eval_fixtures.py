@@ -6,11 +6,13 @@ Plain functions (the test modules wrap them in fixtures), so nothing here runs a
 import functools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from fope_lm.data import prepare
@@ -85,3 +87,30 @@ def prepare_passkey_data(root: Path) -> dict:
     data_cfg["tokenizer"] = str(tokenizer_dir)
     prepare(data_cfg)
     return data_cfg
+
+
+class InductionOracle(nn.Module):
+    """A stand-in for a model in the evaluation code (hidden_states + lm_head): at each position it predicts, with
+    certainty, the token that followed the previous occurrence of the current token, and is uniform when the token
+    has not occurred before in its window. On a sequence that repeats a block of distinct tokens, its loss is
+    exactly ln(V) on a block's first sight and ~0 after: longer context lowers the loss by construction, on any
+    hardware, with no training."""
+
+    def __init__(self, vocab_size: int, max_seq_len: int):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, padded_vocab_size=vocab_size, max_seq_len=max_seq_len)
+        self.lm_head = nn.Linear(vocab_size, vocab_size, bias=False)
+        nn.init.eye_(self.lm_head.weight)
+
+    def hidden_states(self, input_ids: torch.Tensor, **_) -> torch.Tensor:
+        T = input_ids.shape[1]
+        earlier = torch.ones(T, T, dtype=torch.bool).tril(-1)  # s < t
+        same = (input_ids[:, :, None] == input_ids[:, None, :]) & earlier  # (B, t, s): token t seen at s
+        last = torch.where(same, torch.arange(T), -1).amax(-1)  # the latest such s, or -1
+        follower = input_ids.gather(1, (last + 1).clamp(max=T - 1))
+        return 50.0 * F.one_hot(follower, self.config.vocab_size).float() * (last >= 0)[..., None]
+
+
+def repeated_block(block: int, repeats: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """`repeats` copies of one block of `block` distinct random tokens."""
+    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:block].repeat(repeats)

@@ -29,4 +29,5 @@ def test_compiled_training_follows_eager(data_root, runs, tmp_path, monkeypatch)
     assert max(abs(e - c) for e, c in train_losses) < 1e-4, train_losses
     val_losses = [(e[3], c[3]) for e, c in zip(eager, compiled) if e[3] is not None]
     assert len(val_losses) == 2 and max(abs(e - c) for e, c in val_losses) < 1e-4, val_losses
-    assert compiled[-1][1] < compiled[0][1] - 1.0  # it trains: from ~ln(8192) = 9.0 down by more than a nat
+    # it trains: from ~ln(8192) = 9.0 down by more than a nat (measured eager: 1.74 .. 2.36 over seeds 0-2)
+    assert compiled[-1][1] < compiled[0][1] - 1.0

@@ -34,7 +34,8 @@ from fope_lm.data import (
     prepare,
     train_embedded_tokenizer,
 )
-from fope_lm.data.format import compute_fingerprint
+from fope_lm.data.dataset import verified_marker
+from fope_lm.data.format import VERIFIED_DIR, compute_fingerprint
 from fope_lm.errors import ConfigError, DataError, FopeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,6 +210,7 @@ def test_prepare_script_reproduces_the_embedded_dataset_byte_for_byte(embedded_d
     rerun_dir = Path(result.stdout.strip().splitlines()[-1])
     assert rerun_dir == tmp_path / embedded_dir.name
     files = sorted(path.relative_to(embedded_dir) for path in embedded_dir.rglob("*") if path.is_file())
+    files = [file for file in files if file.parts[0] != VERIFIED_DIR]  # this machine's record of the files, not data
     assert Path("metadata.json") in files and Path("tokenizer/tokenizer.json") in files
     for file in files:
         assert (rerun_dir / file).read_bytes() == (embedded_dir / file).read_bytes(), file
@@ -435,6 +437,44 @@ def test_fingerprint_mismatch(embedded_copy):
     with pytest.raises(DataError) as err:
         TokenData(embedded_copy).verify()
     assert_one_line(err, "train_00000.bin does not match its sha256", "--overwrite")
+
+
+def test_shards_are_verified_once_per_machine_and_again_when_changed(embedded_copy, monkeypatch):
+    """The first open on a machine re-hashes every shard and records it; later opens only stat the files; a shard
+    rewritten with the same size but other bytes (ids beyond the vocab) is caught before any compute."""
+    calls, verify = [], TokenData.verify
+    monkeypatch.setattr(TokenData, "verify", lambda self: calls.append(self.dir) or verify(self))
+    TokenData(embedded_copy)
+    assert calls == [embedded_copy]  # the marker copied along names the original's inodes: hashed again
+    assert verified_marker(embedded_copy).parent == embedded_copy / VERIFIED_DIR
+    TokenData(embedded_copy)
+    assert calls == [embedded_copy]  # the marker matches now: no second hashing
+    monkeypatch.undo()
+    shard = embedded_copy / "train_00000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[1000] = 9000  # beyond the 8192-token vocab, same file size
+    tokens.tofile(shard)
+    with pytest.raises(DataError) as err:
+        TokenData(embedded_copy)
+    assert_one_line(err, "train_00000.bin does not match its sha256", "prepare_data.py embedded", "--overwrite")
+    # read without verification (verify=False), the out-of-vocabulary id is still a one-line error, never an IndexError
+    data = TokenData(embedded_copy, verify=False)
+    with pytest.raises(DataError) as err:
+        data.read("train", np.array([990]), 64)
+    assert_one_line(err, "holds token id 9000, beyond its tokenizer's 8192 ids", "re-prepare")
+
+
+def test_prepare_records_its_own_verification(embedded_dir, monkeypatch):
+    assert verified_marker(embedded_dir).is_file()
+    monkeypatch.setattr(TokenData, "verify", lambda self: pytest.fail("re-hashed a dir prepare had just verified"))
+    TokenData(embedded_dir)
+
+
+def test_read_only_data_dir_keeps_its_marker_in_the_cache(embedded_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    marker = verified_marker(embedded_dir)
+    assert marker.is_relative_to(tmp_path / "cache" / "fope_lm" / "verified")
 
 
 def test_token_ids_beyond_the_model_vocab(embedded):

@@ -25,7 +25,8 @@ def test_demo_trains_evaluates_and_tabulates(tmp_path, embedded_data_root):
     for row in rows:
         for label in ("rope", "rope+yarn(dynamic)"):
             assert math.isfinite(float(row[label])) and float(row[label]) > 1
-    assert float(rows[1]["rope"]) < 8192  # better than uniform over the vocab at the training length, after 4 steps
+    # better than uniform over the vocab at the training length after 4 steps: measured 5006 .. 5156 (seeds 0-2)
+    assert float(rows[1]["rope"]) < 8192
     assert rows[1]["rope"] == rows[1]["rope+yarn(dynamic)"]  # dynamic YaRN is RoPE up to the training length (128)
     assert (tmp_path / "demo" / "comparison.png").stat().st_size > 0
     assert "seed=3" in (tmp_path / "demo" / "logs" / "train_rope.log").read_text().splitlines()[0]

@@ -41,7 +41,7 @@ from fope_lm.evaluate import (
 from fope_lm.model import build_model
 from fope_lm.passkey import evaluate_passkey
 
-from eval_fixtures import TRAIN_LEN, passkey_tokenizer, prepare_passkey_data, train_passkey_model
+from eval_fixtures import TRAIN_LEN, InductionOracle, passkey_tokenizer, prepare_passkey_data, repeated_block, train_passkey_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,8 @@ def test_perplexity_equals_direct_computation(checkpoint, val_tokens):
         assert row["ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
         assert (row["n_chunks"], row["scored_tokens"]) == (4096 // length, 4096 // length * (length - 1))
         assert row["batch_size"] == 512 // length
-    assert results[128]["loss"] < 0.5 * math.log(model.config.vocab_size)  # it learned the passkey text
+    # it learned the passkey text: measured 1.01 .. 1.65 over seeds 0-2 x 1 and 2 threads, against 2.97
+    assert results[128]["loss"] < 0.5 * math.log(model.config.vocab_size)
 
 
 def test_every_length_sees_the_same_tokens():
@@ -143,8 +144,19 @@ def test_sliding_window_scores_each_token_once_with_context(checkpoint, val_toke
         losses = token_losses(model, tokens[start : start + window][None])[0]
         total += (losses if start == 0 else losses[-stride:]).sum().item()
     assert result["loss"] == pytest.approx(total / 511, rel=1e-5)
-    plain = perplexity_by_length(model, tokens, [window], progress=False)[window]["loss"]
-    assert result["loss"] < plain  # more context per scored token
+
+
+def test_sliding_window_gives_every_scored_token_its_context():
+    """On a sequence that repeats a 64-token block, a model that copies from context predicts every token after the
+    first block, if it sees the block before: non-overlapping 128-token chunks do not for the first half of each
+    chunk, a window of 128 with stride 32 always does (>= 96 tokens of context). Exact, on any hardware."""
+    oracle, tokens = InductionOracle(300, 128), repeated_block(64, 8, 300)
+    plain = perplexity_by_length(oracle, tokens, [128], progress=False)[128]
+    sliding = sliding_window_perplexity(oracle, tokens, 128, 32, tokens_per_batch=256)
+    first_sight = math.log(300)  # uniform logits: the first occurrence of every token
+    assert plain["loss"] == pytest.approx(4 * 64 * first_sight / 508, rel=1e-6)  # 4 chunks, 64 unseen targets each of 127
+    assert sliding["loss"] == pytest.approx(64 * first_sight / 511, rel=1e-6)  # only the first block is unseen
+    assert sliding["loss"] < 0.3 * plain["loss"]
 
 
 def test_yarn_at_scale_one_equals_rope_and_dynamic_changes_only_long_lengths(checkpoint, val_tokens):
@@ -158,7 +170,8 @@ def test_yarn_at_scale_one_equals_rope_and_dynamic_changes_only_long_lengths(che
     for length in (128, 512):
         assert scaled_1[length]["loss"] == pytest.approx(plain[length]["loss"], abs=1e-6)
     assert dynamic_results[128]["loss"] == pytest.approx(plain[128]["loss"], abs=1e-6)  # s = max(1, 128/128) = 1
-    assert dynamic_results[512]["loss"] != pytest.approx(plain[512]["loss"], abs=1e-4)  # s = 4
+    # s = 4 moves the loss by 0.079 .. 0.28 (measured over seeds 0-2 x 1 and 2 threads), far beyond 1e-4
+    assert dynamic_results[512]["loss"] != pytest.approx(plain[512]["loss"], abs=1e-4)
 
 
 def test_fope_yarn_overrides_keep_the_coefficients(tmp_path):
@@ -190,6 +203,7 @@ def test_teacher_forced_passkey_beats_chance_at_the_training_length(checkpoint):
     trials = 50
     (result,) = evaluate_passkey(model, passkey_tokenizer(), [TRAIN_LEN], trials=trials, distractors=9, progress=False)
     correct = round(result["teacher_forced_accuracy"] * trials)
+    # measured accuracy 0.90 .. 0.98 (45+ of 50) over seeds 0-2 x 1 and 2 threads; p < 1e-3 needs 13 of 50
     assert binomtest(correct, trials, 1 / 10, alternative="greater").pvalue < 1e-3
     assert sum(bucket["trials"] for bucket in result["by_depth"]) == trials
     assert result["mean_key_logprob"] < 0

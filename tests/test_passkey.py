@@ -89,6 +89,8 @@ def test_kv_cache_generation_equals_full_recompute(pe, options):
     cached = greedy_generate(model, prompts, 10, use_cache=True)
     recomputed = greedy_generate(model, prompts, 10, use_cache=False)
     assert cached.shape == (3, 10)
+    # argmax of two computations of the same logits: they differ by <= 3.3e-7, and the smallest top-2 gap of these
+    # 30 choices is 7.0e-5 (nope; 1.5e-3+ for the others), measured with 1 and 2 threads
     assert torch.equal(cached, recomputed)
     assert cached.max() < 300  # padded vocab rows (300..383) are never emitted
 

@@ -164,6 +164,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
         "OMP_NUM_THREADS": "1",
         "WANDB_MODE": "offline",
         "PYTHONPATH": str(REPO),
+        "FOPE_FAULT": "hold_at_step:4",  # the run waits at step 4 for the stop request: it is certainly still running
     }
     overrides = [
         f"run_root={runs}",
@@ -194,7 +195,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
     assert first.returncode == 0, output[-4000:]
     checkpoint = find_latest_checkpoint(run_dir)
     stopped_at = checkpoint_step(checkpoint)
-    assert 3 <= stopped_at < 60
+    assert stopped_at == 4
     assert f"requeue {job_id}" in log.read_text()
     port = 20000 + job_id % 20000
     launcher = (
@@ -208,7 +209,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
     second = subprocess.run(
         ["bash", "slurm/train.sbatch", *overrides],
         cwd=REPO,
-        env=env | {"SLURM_RESTART_COUNT": "1"},
+        env={k: v for k, v in env.items() if k != "FOPE_FAULT"} | {"SLURM_RESTART_COUNT": "1"},
         capture_output=True,
         text=True,
         timeout=600,

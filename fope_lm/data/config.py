@@ -2,6 +2,7 @@
 
 import dataclasses
 import platform
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fope_lm.errors import ConfigError
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"  # the data group, as scripts/prepare_data.py reads it
 DEFAULT_TOKENIZER = "allenai/gpt-neox-olmo-dolma-v1_5"  # OLMo's: 50280 tokens, EOS 0, pad 1
 SOURCES = ("embedded", "hf", "files")
 
@@ -81,3 +83,41 @@ def _split_paths(paths) -> dict[str, list[str]]:
     if unknown := sorted(set(paths) - {"train", "validation"}):
         raise ConfigError(f"data.paths has splits {unknown}; only train and validation are read")
     return {split: [files] if isinstance(files, str) else [str(f) for f in files] for split, files in paths.items()}
+
+
+def prepare_command(cfg: DataConfig, *, overwrite: bool = False) -> str:
+    """The scripts/prepare_data.py command line that builds exactly `cfg`'s prepared dir, for error messages: the
+    configs/data/ file of its source that needs the fewest overrides, plus those overrides."""
+    wanted = dataclasses.asdict(cfg)
+    best: tuple[int, str, list[str]] | None = None
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        base = OmegaConf.load(path)
+        if base.get("source") != cfg.source:
+            continue
+        values = dict(OmegaConf.to_container(base, resolve=True))
+        try:
+            values = dataclasses.asdict(DataConfig.from_cfg(values))
+        except ConfigError:  # a base that needs overrides to be valid at all (e.g. local's paths): compare as written
+            pass
+        overrides = [override for key in wanted for override in _overrides(key, values.get(key), wanted[key])]
+        if best is None or len(overrides) < best[0]:
+            best = (len(overrides), path.stem, overrides)
+    if best is None:  # no data config of this source: state every field
+        best = (0, "local", [override for key in wanted for override in _overrides(key, None, wanted[key])])
+    _, name, overrides = best
+    words = ["python", "scripts/prepare_data.py", name, *overrides] + (["--overwrite"] if overwrite else [])
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def _overrides(key: str, base, value) -> list[str]:
+    """key=value words (Hydra/OmegaConf dotlist syntax) that turn `base` into `value`."""
+    if base == value:
+        return []
+    if isinstance(value, Mapping):
+        base = base if isinstance(base, Mapping) else {}
+        return [word for sub in value for word in _overrides(f"{key}.{sub}", base.get(sub), value[sub])]
+    if value is None:
+        return [f"{key}=null"]
+    if isinstance(value, list | tuple):
+        return [f"{key}=[{','.join(map(str, value))}]"]
+    return [f"{key}={value}"]

@@ -2,7 +2,12 @@
 prefix that every eval length cuts into chunks the same way."""
 
 import bisect
+import fcntl
 import hashlib
+import json
+import logging
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +16,16 @@ import torch
 from fope_lm.data.format import (
     SPLITS,
     TOKENIZER_DIR,
+    VERIFIED_DIR,
     compute_fingerprint,
-    prepare_command,
+    rebuild_command,
     read_metadata,
     sha256_file,
+    write_json,
 )
 from fope_lm.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 _SCAN_TOKENS = 2**24  # tokens per chunk when scanning a shard (flat memory)
 
@@ -24,10 +33,12 @@ _SCAN_TOKENS = 2**24  # tokens per chunk when scanning a shard (flat memory)
 class TokenData:
     """A prepared dataset dir: metadata.json and the flat token shards of each split, read through np.memmap.
 
-    Opening checks that every shard exists with the size metadata.json records; `verify()` also re-hashes them.
+    Opening checks that every shard exists with the size metadata.json records, and on the first open on a machine
+    (`verify_once`) re-hashes every shard and rescans its token ids: a shard whose bytes changed is an error before
+    any compute, never a silent change or an out-of-vocabulary crash mid-run.
     """
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, *, verify: bool = True):
         self.dir = Path(data_dir)
         self.metadata = read_metadata(self.dir)
         self.dtype = np.dtype(self.metadata["dtype"])
@@ -39,6 +50,8 @@ class TokenData:
         }
         for shard in (shard for shards in self._shards.values() for shard in shards):
             self._check_shard_size(shard)
+        if verify:
+            self.verify_once()
 
     @property
     def vocab_size(self) -> int:
@@ -91,7 +104,7 @@ class TokenData:
 
         Reads all data once, in chunks (flat memory): minutes for billions of tokens, so it is opt-in.
         """
-        fix = f"re-prepare it: `{prepare_command(self.dir, self.metadata['name'], overwrite=True)}`"
+        fix = f"re-prepare it: `{rebuild_command(self.dir, self.metadata, overwrite=True)}`"
         for split in SPLITS:
             max_token_id = 0
             for shard in self._shards[split]:
@@ -117,6 +130,38 @@ class TokenData:
         if compute_fingerprint(self.metadata) != self.fingerprint:
             raise DataError(f"the fingerprint in {self.dir}/metadata.json does not match its contents: {fix}")
 
+    def verify_once(self) -> None:
+        """`verify()`, unless this machine's marker says the same files (path, size, mtime, inode, device) passed it
+        already: a 20 GB corpus is hashed once, and again only when a file is replaced or rewritten. Processes of one
+        machine take turns (a file lock), so eight ranks hash it once between them. The marker lives in the data dir,
+        or under ~/.cache/fope_lm when that is read-only."""
+        marker = verified_marker(self.dir)
+        expected = {"fingerprint": self.fingerprint, "files": self._file_identities()}
+        if _read_json(marker) == expected:
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("verifying %s on this machine (once: sha256 of every shard, max token ids)", self.dir)
+        with open(marker.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if _read_json(marker) == expected:  # another process of this machine verified it meanwhile
+                return
+            self.verify()
+            write_json(marker, expected)
+
+    def mark_verified(self) -> None:
+        """Record that this machine's files match metadata.json (prepare calls it: it just hashed what it wrote)."""
+        marker = verified_marker(self.dir)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"fingerprint": self.fingerprint, "files": self._file_identities()})
+
+    def _file_identities(self) -> dict[str, list[int]]:
+        files = [shard["file"] for shards in self._shards.values() for shard in shards] + [f"{TOKENIZER_DIR}/tokenizer.json"]
+        identities = {}
+        for name in files:
+            stat = (self.dir / name).stat() if (self.dir / name).exists() else None
+            identities[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev] if stat else []
+        return identities
+
     def read(self, split: str, starts: np.ndarray, length: int) -> np.ndarray:
         """The windows tokens[s : s + length] of a split's stream for each s in `starts`, as int64 (n, length).
 
@@ -137,13 +182,17 @@ class TokenData:
                 count = min(length - filled, offsets[shard + 1] - position)
                 window[filled : filled + count] = shards[shard][begin : begin + count]
                 filled += count
+        if windows.size and (largest := int(windows.max())) >= self.vocab_size:  # one pass over a batch: cheap
+            fix = rebuild_command(self.dir, self.metadata, overwrite=True)
+            raise DataError(f"the {split} split of {self.dir} holds token id {largest}, beyond its tokenizer's {self.vocab_size} ids: "
+                            f"a shard was modified after it was verified; re-prepare it: `{fix}`")  # fmt: skip
         return windows
 
     def _check_shard_size(self, shard: dict) -> None:
         path = self.dir / shard["file"]
         fix = (
             "the data dir is incomplete or was modified; re-prepare it: "
-            f"`{prepare_command(self.dir, self.metadata['name'], overwrite=True)}`"
+            f"`{rebuild_command(self.dir, self.metadata, overwrite=True)}`"
         )
         if not path.is_file():
             raise DataError(f"shard {path} listed in metadata.json is missing: {fix}")
@@ -268,6 +317,22 @@ class ValidationTokens:
         if self.max_len % seq_len:
             raise ConfigError(f"eval length {seq_len} does not divide max_len={self.max_len}: use a divisor of it")
         return self.tokens.view(-1, seq_len)
+
+
+def verified_marker(data_dir: Path) -> Path:
+    """Where `TokenData.verify_once` records that this machine verified `data_dir`."""
+    name = f"{socket.gethostname()}.json"
+    if os.access(data_dir, os.W_OK):
+        return data_dir / VERIFIED_DIR / name
+    key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fope_lm" / "verified" / key / name
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _round_up(value: int, multiple: int) -> int:

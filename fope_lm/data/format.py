@@ -2,21 +2,25 @@
 
 A prepared dir holds flat token shards `<split>_00000.bin, ...` (raw uint16 or uint32 ids; the documents of a
 split joined with an EOS after each), the tokenizer that made them in `tokenizer/`, and `metadata.json`,
-which is written last: a dir with a metadata.json is complete.
+which is written last: a dir with a metadata.json is complete. `verified/<hostname>.json` records the files a
+machine has re-hashed against metadata.json (written by the first reader there, or by prepare itself).
 """
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from fope_lm.data.config import DataConfig, prepare_command
 from fope_lm.errors import DataError
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 TOKENIZER_DIR = "tokenizer"
+VERIFIED_DIR = "verified"  # <hostname>.json: the files this machine has re-hashed and found whole (TokenData.verify_once)
 SPLITS = ("train", "validation")
 
 
@@ -55,34 +59,44 @@ def is_prepared(data_dir: Path) -> bool:
     return (Path(data_dir) / METADATA_FILE).is_file()
 
 
-def prepare_command(data_dir: Path, name: str | None = None, overwrite: bool = False) -> str:
-    """The command that (re)builds `data_dir`, for error messages."""
+def rebuild_command(data_dir: Path, metadata: dict | None = None, overwrite: bool = False) -> str:
+    """The command that (re)builds `data_dir`, for error messages: exact when its metadata (the config it was
+    prepared with) is at hand, else a guess from the dir's name."""
     data_dir = Path(data_dir)
-    name = name or re.sub(r"-py\d+\.\d+\.\d+$", "", data_dir.name)  # embedded dirs carry the Python version
+    if metadata and "config" in metadata:
+        return prepare_command(DataConfig.from_cfg({**metadata["config"], "root": str(data_dir.parent)}), overwrite=overwrite)
+    name = re.sub(r"-py\d+\.\d+\.\d+$", "", data_dir.name)  # embedded dirs carry the Python version
     return f"python scripts/prepare_data.py {name} root={data_dir.parent}" + (" --overwrite" if overwrite else "")
 
 
 def read_metadata(data_dir: Path) -> dict:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"no prepared data at {data_dir} (no such directory): run `{prepare_command(data_dir)}`")
+        raise DataError(f"no prepared data at {data_dir} (no such directory): run `{rebuild_command(data_dir)}`")
     path = data_dir / METADATA_FILE
     if not path.is_file():
         raise DataError(
-            f"{data_dir} has no {METADATA_FILE} (empty, or not a prepared dataset): run `{prepare_command(data_dir)}`"
+            f"{data_dir} has no {METADATA_FILE} (empty, or not a prepared dataset): run `{rebuild_command(data_dir)}`"
         )
     try:
         metadata = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        fix = prepare_command(data_dir, overwrite=True)
+        fix = rebuild_command(data_dir, overwrite=True)
         raise DataError(f"{path} is not valid JSON ({err}): run `{fix}`") from None
     if metadata.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{path} has format_version {metadata.get('format_version')}, this code reads {FORMAT_VERSION}: "
-            f"run `{prepare_command(data_dir, metadata.get('name'), overwrite=True)}`"
+            f"run `{rebuild_command(data_dir, metadata, overwrite=True)}`"
         )
     return metadata
 
 
 def write_metadata(data_dir: Path, metadata: dict) -> None:
     (Path(data_dir) / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def write_json(path: Path, payload) -> None:
+    """Write JSON beside `path` and rename it over: readers see the old file or the new one, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)

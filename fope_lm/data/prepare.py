@@ -26,7 +26,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import fope_lm
 from fope_lm.data import embedded
-from fope_lm.data.config import DataConfig
+from fope_lm.data.config import DataConfig, prepare_command
+from fope_lm.data.dataset import TokenData
 from fope_lm.data.format import (
     FORMAT_VERSION,
     METADATA_FILE,
@@ -34,7 +35,6 @@ from fope_lm.data.format import (
     TOKENIZER_DIR,
     compute_fingerprint,
     is_prepared,
-    prepare_command,
     read_metadata,
     sha256_file,
     shard_file,
@@ -83,6 +83,7 @@ def prepare(
         _publish(staging, out_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # already gone once published
+    TokenData(out_dir, verify=False).mark_verified()  # its shards were hashed as they were written
     splits = metadata["splits"]
     logger.info(
         f"prepared {out_dir} in {time.perf_counter() - started:.1f}s: "
@@ -102,7 +103,7 @@ def ensure_prepared(data_cfg: "Mapping | DataConfig") -> Path:
         if cfg.source != "embedded":
             raise DataError(
                 f"data '{cfg.name}' is not prepared ({data_dir} has no {METADATA_FILE}): "
-                f"run `{prepare_command(data_dir, cfg.name)}`"
+                f"run `{prepare_command(cfg)}`"
             )
         prepare(cfg)
     _check_prepared_with(data_dir, cfg)
@@ -115,7 +116,7 @@ def _check_prepared_with(data_dir: Path, cfg: DataConfig) -> None:
         differences = ", ".join(f"{key}={prepared_with.get(key)!r} (config: {new!r})" for key, new in changed.items())
         raise DataError(
             f"{data_dir} was prepared with a different config: {differences}; "
-            f"run `{prepare_command(data_dir, cfg.name, overwrite=True)}` or use another name or root"
+            f"run `{prepare_command(cfg, overwrite=True)}` or use another name or root"
         )
 
 

@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 PYTEST_ARGS ?=
 
-.PHONY: install lint format test demo bench clean
+.PHONY: install lint format test test-fast demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,7 @@ install: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix .
@@ -30,6 +31,10 @@ format: install
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the unit lane: no subprocess launches, no training beyond a few steps (tests marked slow are left out)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # DEMO_STEPS=N make demo: N training steps per PE (default: scripts/demo.py's, 600)
 demo: install

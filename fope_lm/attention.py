@@ -49,18 +49,18 @@ def causal_attention(
     """
     n_heads, tq, tk = q.shape[1], q.shape[2], k.shape[2]
     flash = flash_attn_func()
-    if flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if not pe.has_attention_bias or pe.alibi_slopes is not None:
-            slopes = pe.alibi_slopes
-            # flash-attn aligns a shorter query block to the end of the keys, as a KV cache needs
-            out = flash(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                causal=True,
-                alibi_slopes=None if slopes is None else slopes.to(q.device, torch.float32),
-            )
-            return out.transpose(1, 2)
+    flash_fits = flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if flash_fits and (not pe.has_attention_bias or pe.alibi_slopes is not None):
+        slopes = pe.alibi_slopes
+        # flash-attn aligns a shorter query block to the end of the keys, as a KV cache needs
+        out = flash(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            causal=True,
+            alibi_slopes=None if slopes is None else slopes.to(q.device, torch.float32),
+        )
+        return out.transpose(1, 2)
 
     if not pe.has_attention_bias:
         if tq == tk:
@@ -76,6 +76,7 @@ def causal_attention(
     for start in range(0, tq, chunk):
         q_pos = q_positions[start : start + chunk]
         bias = pe.attention_bias(q_pos, k_positions)  # (H, c, Tk) float32
+        assert bias is not None  # has_attention_bias
         bias = bias.masked_fill(~causal_mask(q_pos, k_positions), float("-inf"))
         outputs.append(F.scaled_dot_product_attention(q[:, :, start : start + chunk], k, v, attn_mask=bias.to(q.dtype)[None]))
     return torch.cat(outputs, dim=2)

@@ -1,7 +1,8 @@
 """Model weights + config on disk: `model.safetensors` and `model_config.json` in a checkpoint directory.
 
-This is the part every stage shares (trainer, eval, export). The trainer adds its own resumable state
-(optimizer, data position, RNG) next to these files. Nothing here unpickles anything.
+This is the part every stage shares (trainer, eval, export), with a run's checkpoint layout. The trainer's own
+resumable state (optimizer, data position, RNG) and its resume checks are fope_lm.checkpointer's. Nothing here
+unpickles anything.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import zipfile
 from pathlib import Path
 
 import safetensors
@@ -83,7 +83,7 @@ def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """Strict load that names missing, unexpected and mis-shaped tensors."""
     if model.config.tie_embeddings:
-        state = {**state, "lm_head.weight": state.get("lm_head.weight", state.get("embed.weight"))}
+        state = {**state, "lm_head.weight": state.get("lm_head.weight", state["embed.weight"])}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -135,11 +135,6 @@ STAGING_SUFFIX = ".tmp"
 CORRUPT_SUFFIX = ".corrupt"  # a checkpoint that does not load, moved aside by resume=auto (never deleted)
 RUN_INFO = "run_info.json"  # the trainer's provenance, in the run dir
 EVAL_DIR = "eval"  # <run_dir>/eval/step_N/<label>/: eval.py's results for each checkpoint
-# What a training checkpoint holds besides the model files.
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_STATE = "optimizer.pt"
-DEEPSPEED_STATE = "deepspeed"  # the DeepSpeed engine's own sharded model/optimizer states (pickles)
-RNG_STATE = "rng_rank{rank}.pt"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -212,35 +207,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path} is neither a complete checkpoint nor a run directory with one")
 
 
-def read_trainer_state(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / TRAINER_STATE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {checkpoint / TRAINER_STATE}: {exc}") from None
-
-
-def check_training_checkpoint(checkpoint: Path) -> dict:
-    """Raise CheckpointError unless every file of a training checkpoint is there and whole (a truncated or garbled
-    file fails here, before any compute); return its trainer state. Cheap: headers and zip directories, no tensors."""
-    state = read_trainer_state(checkpoint)
-    read_model_config(checkpoint)
-    try:
-        with safetensors.safe_open(str(checkpoint / WEIGHTS_FILE), "pt"):
-            pass  # checks the header and that the data it describes fills the file exactly
-    except Exception as exc:
-        raise CheckpointError(f"corrupt weights file {checkpoint / WEIGHTS_FILE} ({type(exc).__name__}: {exc})") from None
-    pickles = [checkpoint / OPTIMIZER_STATE] if (checkpoint / OPTIMIZER_STATE).exists() else []
-    if not pickles and not (checkpoint / DEEPSPEED_STATE).is_dir():
-        raise CheckpointError(f"{checkpoint} has neither {OPTIMIZER_STATE} nor {DEEPSPEED_STATE}/: its optimizer state is missing")
-    pickles += sorted(checkpoint.glob(RNG_STATE.format(rank="*"))) + sorted((checkpoint / DEEPSPEED_STATE).rglob("*.pt"))
-    for path in pickles:  # torch.save writes zip archives, whose directory sits at the end: truncation loses it
-        try:
-            zipfile.ZipFile(path).close()
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(f"corrupt checkpoint file {path} ({exc}): it was cut short or overwritten") from None
-    return state
-
-
 def move_aside(checkpoint: Path) -> Path:
     """Rename a checkpoint that does not load to step_N.corrupt (step_N.corrupt.1, ... if taken): kept for a
     post-mortem, never picked by resume=auto, never deleted."""
@@ -251,20 +217,6 @@ def move_aside(checkpoint: Path) -> Path:
         target = checkpoint.with_name(f"{checkpoint.name}{CORRUPT_SUFFIX}.{n}")
     os.replace(checkpoint, target)
     return target
-
-
-def latest_loadable_checkpoint(run_dir: str | Path, *, move_corrupt: bool) -> Path | None:
-    """The newest complete checkpoint of a run whose files are whole (`check_training_checkpoint`), or None. Newer
-    ones that fail the check are skipped with a warning, and moved aside when `move_corrupt` (rank 0's job: every
-    rank reaches the same verdict on the same files)."""
-    for checkpoint in reversed(list_checkpoints(run_dir)):
-        try:
-            check_training_checkpoint(checkpoint)
-            return checkpoint
-        except CheckpointError as exc:
-            where = f"moved aside to {move_aside(checkpoint).name}" if move_corrupt else "skipped"
-            log.warning("resume=auto: %s does not load (%s); %s, trying the next newest", checkpoint, exc, where)
-    return None
 
 
 def checkpoints_after(run_dir: str | Path, step: int) -> list[Path]:
@@ -333,7 +285,7 @@ def transfer_weights(model: Transformer, directory: str | Path, *, expand: bool 
     load_weights(model, {k: v for k, v in state.items() if not is_pe(k)} | {k: v for k, v in own.items() if is_pe(k)}, directory)
 
     layers_by_note: dict[str, list[int]] = {}
-    for layer, (prefix, pe) in enumerate(zip(prefixes, model.position_encodings())):
+    for layer, (prefix, pe) in enumerate(zip(prefixes, model.position_encodings(), strict=True)):
         pe_state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
         if not pe_state:
             if pe.state_dict():

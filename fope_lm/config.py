@@ -1,91 +1,93 @@
 """The training config's schema: dataclasses that the composed Hydra config is merged into and checked against
 before anything is built, so a typo, a wrong type or an impossible value is a one-line error.
 
-The dataclasses hold types and checks; the values live in configs/train.yaml (and its groups), so every default
-is written once. `validated` and `build_model_config` are shared with the other entry points (eval).
+The dataclasses hold types and checks (fope_lm.schema's pattern); the values live in configs/train.yaml (and its
+groups), so every default is written once. The model section is derived from `ModelConfig`, so a model setting is
+declared once too. `build_model_config` is shared with the other entry points (eval).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import PurePath
-from typing import Any, Dict, List, Optional, TypeVar
+from typing import Any
 
 import torch
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fope_lm.errors import ConfigError
 from fope_lm.model import ModelConfig, Transformer, preset_config
+from fope_lm.schema import Choice
 
-T = TypeVar("T")
 
-
-class Precision(Enum):
+class Precision(Choice):
     auto = "auto"  # bf16 where the device supports it (CUDA with bf16), else fp32
     bf16 = "bf16"  # autocast to bf16 (DeepSpeed: bf16 weights with fp32 master weights)
     fp32 = "fp32"
     no = "no"  # accelerate's name for fp32
 
 
-class OnNonFinite(Enum):
+class OnNonFinite(Choice):
     stop = "stop"  # exit with an error, no checkpoint of the bad step
     skip = "skip"  # drop the step's update and go on (not with DeepSpeed, which steps inside backward)
 
 
-class WandbMode(Enum):
+class WandbMode(Choice):
     online = "online"
     offline = "offline"
     disabled = "disabled"
 
 
-@dataclass
-class ModelSection:
-    """A preset of fope_lm.model.PRESETS; every other field, when set, overrides it (null: the preset's value,
-    or ModelConfig's default). vocab_size null: the data's tokenizer size."""
+# ModelConfig fields the model section does not take: the training length and the PE have sections of their own.
+SET_ELSEWHERE = ("max_seq_len", "pe", "pe_options")
 
-    preset: str = MISSING
-    d_model: Optional[int] = None
-    n_layers: Optional[int] = None
-    n_heads: Optional[int] = None
-    vocab_size: Optional[int] = None
-    mlp_ratio: Optional[int] = None
-    tie_embeddings: Optional[bool] = None
-    norm_eps: Optional[float] = None
-    init_std: Optional[float] = None
-    rope_theta: Optional[float] = None
+
+def _model_section() -> type:
+    """The `model` section: a preset of fope_lm.model.PRESETS plus every other ModelConfig field as an optional
+    override (null: the preset's value, or ModelConfig's default; vocab_size null: the data tokenizer's size).
+    Derived from ModelConfig, so that a new model setting is declared in one place."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [(f.name, hints[f.name] | None, None) for f in dataclasses.fields(ModelConfig) if f.name not in SET_ELSEWHERE]
 
     def overrides(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+
+    return dataclasses.make_dataclass(
+        "ModelSection", [("preset", str, MISSING), *fields], namespace={"overrides": overrides, "__doc__": _model_section.__doc__}
+    )
+
+
+ModelSection = _model_section()
 
 
 @dataclass
 class TrainSection:
     seq_len: int = MISSING
-    global_batch_size: Optional[int] = MISSING  # null with global_batch_tokens set
-    global_batch_tokens: Optional[int] = None
+    global_batch_size: int | None = MISSING  # null with global_batch_tokens set
+    global_batch_tokens: int | None = None
     micro_batch_size: int = MISSING
     max_steps: int = MISSING
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
     precision: Precision = MISSING
-    grad_clip: Optional[float] = MISSING
-    loss_chunk_size: Optional[int] = None
+    grad_clip: float | None = MISSING
+    loss_chunk_size: int | None = None
     on_nonfinite: OnNonFinite = MISSING
     log_interval: int = MISSING
     eval_interval: int = MISSING
     eval_tokens: int = MISSING
-    eval_hooks: Dict[str, Any] = MISSING
+    eval_hooks: dict[str, Any] = MISSING
     save_interval: int = MISSING
-    keep_last: Optional[int] = MISSING
-    stop_file: Optional[str] = None
-    deepspeed: Optional[str] = None
+    keep_last: int | None = MISSING
+    stop_file: str | None = None
+    deepspeed: str | None = None
     deterministic: bool = MISSING
-    num_threads: Optional[int] = None
-    peak_tflops: Optional[float] = None
+    num_threads: int | None = None
+    peak_tflops: float | None = None
     compile: bool = MISSING
 
     def __post_init__(self):
@@ -113,11 +115,17 @@ class TrainSection:
                 raise ConfigError(f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of train.seq_len={self.seq_len}")
             self.global_batch_size = self.global_batch_tokens // self.seq_len
         if self.max_tokens is not None:  # a token budget for the run takes precedence over max_steps
-            self.max_steps = math.ceil(self.max_tokens / (self.global_batch_size * self.seq_len))
+            self.max_steps = math.ceil(self.max_tokens / self.tokens_per_step)
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per optimizer step over all processes (global_batch_size, or global_batch_tokens / seq_len)."""
+        assert self.global_batch_size is not None  # __post_init__ sets it
+        return self.global_batch_size
 
     @property
     def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_len
+        return self.batch_size * self.seq_len
 
 
 @dataclass
@@ -125,7 +133,7 @@ class OptimSection:
     """AdamW with OLMo's defaults, linear warmup, cosine decay to alpha_f * lr at max_steps."""
 
     lr: float = MISSING
-    betas: List[float] = MISSING
+    betas: list[float] = MISSING
     eps: float = MISSING
     weight_decay: float = MISSING
     decay_norms: bool = MISSING
@@ -149,11 +157,11 @@ class OptimSection:
 @dataclass
 class WandbSection:
     project: str = MISSING
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = MISSING
-    mode: Optional[WandbMode] = None  # null: online when an API key is configured, else offline
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = MISSING
+    mode: WandbMode | None = None  # null: online when an API key is configured, else offline
 
 
 @dataclass
@@ -161,12 +169,12 @@ class TrainConfig:
     run_root: str = MISSING
     run_name: str = MISSING
     seed: int = MISSING
-    resume: Optional[str] = None  # null: a new run; "auto": the newest complete checkpoint of this run; or a path
+    resume: str | None = None  # null: a new run; "auto": the newest complete checkpoint of this run; or a path
     overwrite: bool = MISSING  # let a new run (resume=null) replace a run dir that has checkpoints
-    init_from: Optional[str] = None  # a checkpoint whose weights start a new run (PE and length may differ)
+    init_from: str | None = None  # a checkpoint whose weights start a new run (PE and length may differ)
     init_expand: bool = MISSING  # init_from: keep fresh values where a PE tensor grew (else zeros)
-    model: ModelSection = MISSING
-    pe: Dict[str, Any] = MISSING  # {name: <registered PE>, **its options}
+    model: ModelSection = MISSING  # type: ignore[valid-type]
+    pe: dict[str, Any] = MISSING  # {name: <registered PE>, **its options}
     data: Any = MISSING  # the data group; validated by fope_lm.data.DataConfig
     train: TrainSection = MISSING
     optim: OptimSection = MISSING
@@ -183,23 +191,6 @@ class TrainConfig:
             )
 
 
-def validated(schema: type[T], cfg: DictConfig | Mapping) -> T:
-    """`cfg` merged into the dataclass `schema` (interpolations resolved), as an instance of it.
-
-    Unknown keys, wrong types, missing values and failed checks raise a one-line ConfigError naming the key.
-    """
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-        return OmegaConf.to_object(merged)
-    except ConfigKeyError as exc:
-        valid = sorted(f.name for f in dataclasses.fields(exc.object_type)) if dataclasses.is_dataclass(exc.object_type) else []
-        hint = f"; valid keys: {', '.join(valid)}" if valid else ""
-        raise ConfigError(f"unknown config key {exc.full_key}{hint}") from None
-    except OmegaConfBaseException as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"config {exc.full_key}: {first_line}") from None
-
-
 def to_yaml(config: Any) -> str:
     """A validated config (dataclass instance) as YAML, as recorded in run dirs and checkpoints."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
@@ -207,10 +198,10 @@ def to_yaml(config: Any) -> str:
 
 def to_container(config: Any) -> dict:
     """A validated config as plain JSON-able containers (enums by name)."""
-    return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
+    return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)  # type: ignore[return-value]  # a mapping
 
 
-def build_model_config(model: ModelSection, pe: Mapping, *, max_seq_len: int, default_vocab_size: int) -> ModelConfig:
+def build_model_config(model: Any, pe: Mapping, *, max_seq_len: int, default_vocab_size: int) -> ModelConfig:
     """The ModelConfig a config describes (vocab_size: the model section's, else `default_vocab_size`, the
     tokenizer's), checked by building it on the meta device (no memory, no compute), so an unknown preset or PE,
     a PE option it does not take or a bad shape fails before anything runs."""

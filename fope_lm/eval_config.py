@@ -1,7 +1,7 @@
-"""The evaluation config (configs/eval.yaml) as typed dataclasses.
-
-Hydra merges the YAML onto these (so a typo or a wrong type fails before any model is loaded), and
-`EvalConfig.check()` rejects the combinations that types cannot express.
+"""The evaluation config as typed dataclasses: the one place where every eval setting, its default and its check
+live (fope_lm.schema's pattern). configs/eval.yaml only selects this schema (`eval_schema`, registered with Hydra
+below) and the data group, so a default is never written twice; a typo or a wrong type fails before any model is
+loaded, and each `__post_init__` rejects the values that types cannot express.
 """
 
 from __future__ import annotations
@@ -9,52 +9,95 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fope_lm.config import WandbMode
 from fope_lm.errors import ConfigError
+from fope_lm.schema import Choice
 
 PAPER_LENGTHS = [128, 256, 512, 1024, 2048, 4096, 8192]
-YARN_MODES = ("none", "static", "dynamic")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class YarnMode(Choice):
+    none = "none"
+    static = "static"  # a fixed scale s
+    dynamic = "dynamic"  # s = max(1, T / L) per evaluated length, L the training length
+
+
+class AutocastDtype(Choice):
+    auto = "auto"  # bfloat16 on cuda, float32 (no autocast) on cpu
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _check_lengths(name: str, lengths: list[int]) -> None:
+    if not lengths or any(length < 2 for length in lengths):
+        raise ConfigError(f"{name} must be a non-empty list of lengths >= 2, got {list(lengths)}")
 
 
 @dataclass
 class SlidingWindowConfig:
-    window: int | None = None  # null: off
-    stride: int = 256  # tokens scored per window (its last `stride`); must be < window
+    window: int | None = None  # e.g. 1024 to also report sliding-window perplexity; null: off
+    stride: int = 256  # each window scores only its last `stride` tokens; must be < window
+
+    def __post_init__(self):
+        if self.window is not None and not 1 <= self.stride < self.window:
+            raise ConfigError(f"sliding_window.stride must be in [1, window={self.window}), got {self.stride}")
 
 
 @dataclass
 class PerplexityConfig:
     enabled: bool = True
     lengths: list[int] = field(default_factory=lambda: list(PAPER_LENGTHS))
-    tokens_total: int = 2**21  # rounded down to a multiple of the largest length, capped by the split's size
-    tokens_per_batch: int | None = None  # null: the largest length, so the top length runs at batch 1
+    tokens_total: int = 2**21  # per length; rounded down to a multiple of the largest length, capped by the split
+    tokens_per_batch: int | None = None  # constant across lengths (batch = tokens_per_batch // T, min 1); null: the largest length
     loss_chunk_tokens: int = 4096  # LM-head rows per call: bounds the float32 logits held at once
     sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
+
+    def __post_init__(self):
+        _check_lengths("perplexity.lengths", self.lengths)
+        if self.tokens_per_batch is not None and self.tokens_per_batch < 1:
+            raise ConfigError(f"perplexity.tokens_per_batch must be positive, got {self.tokens_per_batch}")
+        if self.loss_chunk_tokens < 1:
+            raise ConfigError(f"perplexity.loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}")
 
 
 @dataclass
 class PasskeyConfig:
     enabled: bool = True
     lengths: list[int] = field(default_factory=lambda: list(PAPER_LENGTHS))
-    trials: int = 50
+    trials: int = 50  # per length, the same seeded keys and depths at every length
     seed: int = 0
-    distractors: int = 9
-    max_new_tokens: int = 10
+    distractors: int = 9  # teacher-forced: the true key must outscore all of them (chance 1/10)
+    max_new_tokens: int = 10  # greedy, KV-cached; correct if the first integer in the continuation is the key
     depth_buckets: int = 5  # equal-width depth bins in [0, 1] for the per-depth accuracies
+
+    def __post_init__(self):
+        _check_lengths("passkey.lengths", self.lengths)
+        if self.trials < 1 or self.distractors < 1 or self.depth_buckets < 1:
+            raise ConfigError("passkey.trials, passkey.distractors and passkey.depth_buckets must be positive")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"passkey.max_new_tokens must be positive, got {self.max_new_tokens}")
 
 
 @dataclass
 class YarnEvalConfig:
-    """YaRN applied at evaluation time to a rotary checkpoint (rope -> yarn, fope -> FoPE+YaRN)."""
+    """YaRN applied at evaluation time to a rotary checkpoint (rope -> yarn, fope -> FoPE+YaRN); weights unchanged."""
 
-    mode: str = "none"  # none | static | dynamic (s = max(1, T / L) per evaluated length)
+    mode: YarnMode = YarnMode.none
     scale: float = 4.0  # the static mode's s
-    attention_factor: float | None = None  # null: 0.1 ln(s) + 1
+    attention_factor: float | None = None  # null: 0.1 ln(s) + 1; 1.0 disables the temperature
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in YarnMode.__members__:
+            raise ConfigError(f"yarn.mode={self.mode!r} is not one of {YarnMode.names()}")
+        self.mode = YarnMode(self.mode)
+        if self.scale < 1:
+            raise ConfigError(f"yarn.scale must be >= 1, got {self.scale}")
 
 
 @dataclass
@@ -76,37 +119,22 @@ class EvalConfig:
     output_dir: str | None = None  # null: <run_dir>/eval/<step_N>/<label> (a run's checkpoint)
     label: str | None = None  # the curve's name in tables and plots; null: the PE (+ eval-time YaRN)
     data: Any = None  # a data config (configs/data/*.yaml): the validation split and the tokenizer
-    device: str = "auto"  # auto: cuda when available
-    dtype: str = "auto"  # autocast dtype; auto: bfloat16 on cuda, float32 (no autocast) on cpu
-    progress: bool = True
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    dtype: AutocastDtype = AutocastDtype.auto  # autocast dtype
+    progress: bool = True  # tqdm bars per length
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     yarn: YarnEvalConfig = field(default_factory=YarnEvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
-    def check(self) -> None:
-        """Raise ConfigError naming the first invalid setting."""
-        for name, lengths in ("perplexity.lengths", self.perplexity.lengths), ("passkey.lengths", self.passkey.lengths):
-            if not lengths or any(length < 2 for length in lengths):
-                raise ConfigError(f"{name} must be a non-empty list of lengths >= 2, got {list(lengths)}")
-        if self.perplexity.tokens_per_batch is not None and self.perplexity.tokens_per_batch < 1:
-            raise ConfigError(f"perplexity.tokens_per_batch must be positive, got {self.perplexity.tokens_per_batch}")
-        if self.perplexity.loss_chunk_tokens < 1:
-            raise ConfigError(f"perplexity.loss_chunk_tokens must be positive, got {self.perplexity.loss_chunk_tokens}")
-        window = self.perplexity.sliding_window
-        if window.window is not None and not 1 <= window.stride < window.window:
-            raise ConfigError(f"sliding_window.stride must be in [1, window={window.window}), got {window.stride}")
-        if self.passkey.trials < 1 or self.passkey.distractors < 1 or self.passkey.depth_buckets < 1:
-            raise ConfigError("passkey.trials, passkey.distractors and passkey.depth_buckets must be positive")
-        if self.passkey.max_new_tokens < 1:
-            raise ConfigError(f"passkey.max_new_tokens must be positive, got {self.passkey.max_new_tokens}")
-        if self.yarn.mode not in YARN_MODES:
-            raise ConfigError(f"yarn.mode={self.yarn.mode!r} is not one of {', '.join(YARN_MODES)}")
-        if self.yarn.scale < 1:
-            raise ConfigError(f"yarn.scale must be >= 1, got {self.yarn.scale}")
+    def __post_init__(self):
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r} is not auto, cpu, cuda or cuda:<index>")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.dtype not in AutocastDtype.__members__:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {AutocastDtype.names()}")
+        self.dtype = AutocastDtype(self.dtype)
         if self.data is None:
             raise ConfigError("no eval data: set data=<name of a configs/data/*.yaml>, e.g. data=embedded")
+
+
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

@@ -24,6 +24,7 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -65,7 +66,7 @@ def token_losses(
     hidden = model.hidden_states(input_ids, **forward_kwargs)[:, :-1].flatten(0, 1)
     targets = input_ids[:, 1:].flatten()
     losses = []
-    for rows in zip(hidden.split(loss_chunk_tokens), targets.split(loss_chunk_tokens)):
+    for rows in zip(hidden.split(loss_chunk_tokens), targets.split(loss_chunk_tokens), strict=True):
         losses.append(F.cross_entropy(lm_logits(model, rows[0]), rows[1], reduction="none"))
     return torch.cat(losses).view(batch, length - 1)
 
@@ -181,7 +182,7 @@ def sliding_window_perplexity(
             batch_starts = starts[first : first + batch_size]
             windows = torch.stack([tokens[start : start + window] for start in batch_starts]).to(device)
             losses = token_losses(model, windows, loss_chunk_tokens=loss_chunk_tokens).double().cpu()
-            for start, row in zip(batch_starts, losses):
+            for start, row in zip(batch_starts, losses, strict=True):
                 kept = row if start == 0 else row[-stride:]
                 total += kept.sum().item()
                 scored += kept.numel()
@@ -272,7 +273,6 @@ def _device_name(device: torch.device) -> str:
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     """Run the protocol on one checkpoint and return the results dict (already checked against the schema)."""
-    cfg.check()
     started = time.perf_counter()
     checkpoint_dir = checkpoints.resolve_checkpoint(cfg.checkpoint)
     trained = checkpoints.read_model_config(checkpoint_dir)
@@ -298,12 +298,12 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
         longest = max(max(ppl_cfg.lengths), ppl_cfg.sliding_window.window or 0)
         validation = ValidationTokens(data, ppl_cfg.tokens_total, longest)
         tokens_evaluated = validation.num_tokens
-        common = dict(loss_chunk_tokens=ppl_cfg.loss_chunk_tokens, autocast_dtype=autocast_dtype, progress=cfg.progress)
+        common: dict[str, Any] = dict(loss_chunk_tokens=ppl_cfg.loss_chunk_tokens, autocast_dtype=autocast_dtype, progress=cfg.progress)
         by_length = perplexity_by_length(model, validation.tokens, ppl_cfg.lengths, ppl_cfg.tokens_per_batch, train_len=train_len, **common)
         perplexity = list(by_length.values())
-        if ppl_cfg.sliding_window.window is not None:
-            window = ppl_cfg.sliding_window
-            sliding = sliding_window_perplexity(model, validation.tokens, window.window, window.stride, ppl_cfg.tokens_per_batch, **common)
+        if (window := ppl_cfg.sliding_window.window) is not None:
+            stride = ppl_cfg.sliding_window.stride
+            sliding = sliding_window_perplexity(model, validation.tokens, window, stride, ppl_cfg.tokens_per_batch, **common)
 
     passkey = None
     if cfg.passkey.enabled:
@@ -418,8 +418,8 @@ def log_to_wandb(results: dict, wandb_cfg: WandbConfig, output_dir: str | Path) 
     import wandb
 
     headers, rows = report.results_table(results)
-    table = wandb.Table(columns=headers, data=rows)
-    logged = {"eval/results": table}
+    table = wandb.Table(columns=list[str | int](headers), data=rows)
+    logged: dict[str, Any] = {"eval/results": table}
     if results["perplexity"]:
         title = f"{results['label']}: perplexity vs length"
         logged["eval/ppl_vs_length"] = wandb.plot.line(table, "length", "ppl", title=title)

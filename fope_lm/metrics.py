@@ -1,4 +1,5 @@
-"""What a run reports: throughput and MFU, peak memory, metrics.jsonl, and the wandb run.
+"""What a run reports: the MFU peaks, peak memory, metrics.jsonl, and the wandb run (the trainer's reporting
+callbacks, fope_lm.callbacks, use them).
 
 MFU (model FLOPs utilisation) = achieved training FLOP/s per device / the device's peak dense bf16 FLOP/s,
 with achieved FLOP/s = tokens/s per device * Transformer.flops_per_token(seq_len), i.e. 6N + 12 * n_layers *
@@ -17,6 +18,7 @@ import re
 import resource
 import secrets
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,30 +69,6 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-class Throughput:
-    """Tokens per second per device and MFU over the steps since the last report."""
-
-    def __init__(self, tokens_per_step_per_device: int, flops_per_token: float, peak: float | None):
-        self.tokens_per_step = tokens_per_step_per_device
-        self.flops_per_token = flops_per_token
-        self.peak = peak
-        self.steps, self.seconds = 0, 0.0
-
-    def add_step(self, seconds: float) -> None:
-        self.steps += 1
-        self.seconds += seconds
-
-    def report(self) -> dict[str, float]:
-        if not self.steps:
-            return {}
-        tokens_per_s = self.steps * self.tokens_per_step / self.seconds
-        metrics = {"perf/tokens_per_s_per_device": tokens_per_s, "perf/step_seconds": self.seconds / self.steps}
-        if self.peak:
-            metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / self.peak
-        self.steps, self.seconds = 0, 0.0
-        return metrics
 
 
 class MetricsFile:
@@ -171,7 +149,7 @@ def wandb_run_id(run_dir: Path, run_name: str, *, new: bool = False) -> str:
     return run_id + "-" + secrets.token_hex(3) if new else run_id
 
 
-def start_wandb(section: WandbSection, *, run_dir: Path, run_name: str, config: dict, new_id: bool = False):
+def start_wandb(section: WandbSection | Any, *, run_dir: Path, run_name: str, config: dict, new_id: bool = False):
     """A wandb run (rank 0 only), or None when disabled. Online failures fall back to offline, never a crash."""
     mode = wandb_mode(section.mode)
     if mode == "disabled":
@@ -180,7 +158,7 @@ def start_wandb(section: WandbSection, *, run_dir: Path, run_name: str, config: 
 
     run_id = wandb_run_id(run_dir, run_name, new=new_id)
     (run_dir / WANDB_ID_FILE).write_text(run_id + "\n")
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         project=section.project,
         entity=section.entity,
         name=section.name or run_name,
@@ -193,7 +171,7 @@ def start_wandb(section: WandbSection, *, run_dir: Path, run_name: str, config: 
         settings=wandb.Settings(init_timeout=120),
     )
     try:
-        return wandb.init(mode=mode, **kwargs)
+        return wandb.init(mode=mode, **kwargs)  # type: ignore[arg-type]  # a checked WandbMode value
     except Exception as exc:  # network, auth or service errors: keep training, log locally
         if mode != "online":
             raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -112,9 +112,10 @@ class KVCache:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
+        cached_k, cached_v = self.keys[layer], self.values[layer]
+        if cached_k is not None and cached_v is not None:
+            k = torch.cat((cached_k, k), dim=2)
+            v = torch.cat((cached_v, v), dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
@@ -207,7 +208,7 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def position_encodings(self) -> list[PositionEncoding]:
-        return [block.attn.pe for block in self.blocks]
+        return [cast(Block, block).attn.pe for block in self.blocks]
 
     def num_parameters(self, *, exclude_input_embedding: bool = False) -> int:
         """Trainable parameters (frozen FoPE coefficients are buffers, so they do not count)."""
@@ -294,8 +295,5 @@ def build_model(preset: str | ModelConfig = "tiny", pe: str | None = None, **ove
     count parameters of large presets without allocating them."""
     if pe is not None:
         overrides["pe"] = pe
-    if isinstance(preset, ModelConfig):
-        config = dataclasses.replace(preset, **overrides)
-    else:
-        config = preset_config(preset, **overrides)
+    config = dataclasses.replace(preset, **overrides) if isinstance(preset, ModelConfig) else preset_config(preset, **overrides)
     return Transformer(config)

@@ -18,7 +18,8 @@ def parameter_groups(model: nn.Module, settings: OptimSection) -> list[dict]:
 
     Everything else that trains (e.g. learnable FoPE coefficients) is not decayed, like OLMo's norms.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     seen: set[int] = set()  # tied weights appear under two modules
     for module in model.modules():
         for param in module.parameters(recurse=False):
@@ -41,7 +42,7 @@ def build_optimizer(model: nn.Module, settings: OptimSection) -> torch.optim.Ada
     return torch.optim.AdamW(
         parameter_groups(model, settings),
         lr=settings.lr,
-        betas=tuple(settings.betas),
+        betas=(settings.betas[0], settings.betas[1]),
         eps=settings.eps,
         fused=on_cuda,  # one kernel per step on GPU; the foreach default elsewhere
     )

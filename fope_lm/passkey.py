@@ -105,7 +105,8 @@ class PasskeyPrompts:
                 f"passkey length {length} is shorter than the prompt without filler ({self.fixed_length(key)} tokens): "
                 "use longer passkey.lengths"
             )
-        filler, boundaries = [], [0]
+        filler: list[int] = []
+        boundaries = [0]
         for sentence in itertools.cycle(self.sentences):
             if len(filler) >= n_filler:
                 break
@@ -165,7 +166,7 @@ def evaluate_passkey(
 
                 prefix = prefill(model, input_ids, dynamic_len=dynamic_len)  # the long prompt, run once for both scores
                 generated = greedy_generate(model, input_ids, max_new_tokens, dynamic_len=dynamic_len, prefix=prefix)
-                for trial, new_tokens in zip(batch, generated.tolist()):
+                for trial, new_tokens in zip(batch, generated.tolist(), strict=True):
                     greedy_correct.append(first_integer(tokenizer.decode(new_tokens)) == trial.key)
 
                 candidates = [[prompts.answer(key) for key in (trial.key, *trial.distractors)] for trial in batch]

@@ -52,8 +52,8 @@ def logit_sums_by_distance(
     for start in range(0, T, rows):
         q_pos = positions[start : start + rows]
         logits = torch.einsum("bhid,bhjd->hij", q[:, :, start : start + rows], k) / math.sqrt(head_dim)
-        if pe.has_attention_bias:
-            logits = logits + q.shape[0] * pe.attention_bias(q_pos, positions).float()  # the same bias per sequence
+        if (bias := pe.attention_bias(q_pos, positions)) is not None:
+            logits = logits + q.shape[0] * bias.float()  # the same bias per sequence
         distance = q_pos[:, None] - positions[None, :]  # i - j, (chunk, T)
         causal = distance >= 0
         sums.index_add_(1, distance[causal], logits[:, causal].double())
@@ -96,7 +96,7 @@ def mean_logit_by_distance(
         for handle in handles:
             handle.remove()
     counts = n_sequences * (T - torch.arange(T, dtype=torch.float64))  # pairs (i, i - d) per distance
-    curves = torch.stack(sums).cpu() / counts
+    curves = torch.stack([curve for curve in sums if curve is not None]).cpu() / counts
     return curves.numpy(), loss_sum / max(n_targets, 1)
 
 

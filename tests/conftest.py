@@ -1,6 +1,8 @@
-"""Shared test setup: offline, deterministic, CPU. Expensive fixtures live in the test modules that use them."""
+"""Shared test setup: offline, deterministic, CPU; the paths and fixtures several modules use (helpers/ holds the
+shared functions). Expensive fixtures are session- or module-scoped."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -10,8 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "fope")  # the official code's outputs (its README)
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES_DIR = REPO / "tests" / "fixtures" / "fope"  # the official code's outputs (their README says how they were made)
 
 
 @pytest.fixture(autouse=True)
@@ -31,14 +33,39 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def embedded_data_root(tmp_path_factory):
+def embedded_data_root(tmp_path_factory) -> Path:
     """A data root holding the embedded corpus, prepared once per test session (a few seconds)."""
     from hydra import compose, initialize_config_dir
 
     from fope_lm.data import ensure_prepared
 
     root = tmp_path_factory.mktemp("data")
-    with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         defaults = compose("train").data
     ensure_prepared({**defaults, "root": str(root)})
     return root
+
+
+@pytest.fixture(scope="session")
+def data_root(embedded_data_root) -> Path:
+    """The embedded corpus as the trainer's tests pass it (FOPE_DATA_ROOT / data.root)."""
+    return embedded_data_root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A run_root per test module."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture
+def plan_with(data_root, runs):
+    """`fope_lm.train.plan` of the tiny config (helpers.training.TINY) plus overrides: every check, no compute."""
+    from fope_lm.train import plan
+
+    from helpers.training import TINY, compose_config
+
+    def make(*overrides):
+        return plan(compose_config([f"run_root={runs}", f"data.root={data_root}", *TINY, *overrides]))
+
+    return make

@@ -2,19 +2,13 @@
 sizes) and the CPU scripts at tiny sizes. Benchmarks report numbers; nothing here asserts on speed."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
-import eval_memory  # noqa: E402
-import gpu_suite  # noqa: E402
-import pe_overhead  # noqa: E402
-import step_vs_hf  # noqa: E402
-
-from fope_lm.model import build_model  # noqa: E402
+from fope_lm.bench import eval_memory, gpu_suite, pe_overhead, step_vs_hf
+from fope_lm.model import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

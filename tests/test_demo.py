@@ -5,12 +5,15 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+from conftest import REPO
+
 DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
 
 
+@pytest.mark.slow
 def test_demo_trains_evaluates_and_tabulates(tmp_path, embedded_data_root):
     env = os.environ | {"FOPE_DATA_ROOT": str(embedded_data_root)}
     result = subprocess.run(
@@ -32,6 +35,7 @@ def test_demo_trains_evaluates_and_tabulates(tmp_path, embedded_data_root):
     assert "seed=3" in (tmp_path / "demo" / "logs" / "train_rope.log").read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_demo_rejects_an_unknown_pe_before_any_work(tmp_path):
     result = subprocess.run([*DEMO, "--pes", "rope,fop", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

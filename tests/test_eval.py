@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from scipy.stats import binomtest
 
@@ -41,9 +42,8 @@ from fope_lm.evaluate import (
 from fope_lm.model import build_model
 from fope_lm.passkey import evaluate_passkey
 
-from eval_fixtures import TRAIN_LEN, InductionOracle, passkey_tokenizer, prepare_passkey_data, repeated_block, train_passkey_model
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO
+from helpers.evaluation import TRAIN_LEN, InductionOracle, passkey_tokenizer, prepare_passkey_data, repeated_block, train_passkey_model
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +72,7 @@ def direct_loss(model, chunk: torch.Tensor) -> float:
         return model(chunk[None], labels[None]).loss.item()
 
 
+@pytest.mark.slow
 def test_perplexity_equals_direct_computation(checkpoint, val_tokens):
     model = load_model(checkpoint)
     lengths = [64, 128, 256, 512]
@@ -109,6 +110,7 @@ def test_constant_tokens_per_batch_and_batch_one_at_the_top():
     assert [results[t]["batch_size"] for t in (32, 1024)] == [3, 1]
 
 
+@pytest.mark.slow
 def test_chunked_loss_equals_unchunked(checkpoint, val_tokens):
     model = load_model(checkpoint)
     batch = val_tokens[:1024].view(4, 256)
@@ -121,6 +123,7 @@ def test_chunked_loss_equals_unchunked(checkpoint, val_tokens):
         assert losses.mean().item() == pytest.approx(unchunked, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_position_buckets_split_the_loss(checkpoint, val_tokens):
     assert position_buckets(128, 511) == [(0, 128), (128, 256), (256, 512)]
     assert position_buckets(128, 63) == [(0, 128)]
@@ -132,6 +135,7 @@ def test_position_buckets_split_the_loss(checkpoint, val_tokens):
     assert weighted == pytest.approx(row["loss"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_sliding_window_scores_each_token_once_with_context(checkpoint, val_tokens):
     model = load_model(checkpoint)
     tokens = val_tokens[:512]
@@ -159,6 +163,7 @@ def test_sliding_window_gives_every_scored_token_its_context():
     assert sliding["loss"] < 0.3 * plain["loss"]
 
 
+@pytest.mark.slow
 def test_yarn_at_scale_one_equals_rope_and_dynamic_changes_only_long_lengths(checkpoint, val_tokens):
     plain = perplexity_by_length(load_model(checkpoint), val_tokens, [128, 512], progress=False)
     trained = load_model(checkpoint).config
@@ -198,6 +203,7 @@ def test_fope_yarn_overrides_keep_the_coefficients(tmp_path):
     assert perplexity_by_length(unit, tokens, [64], progress=False)[64]["loss"] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_teacher_forced_passkey_beats_chance_at_the_training_length(checkpoint):
     model = load_model(checkpoint)
     trials = 50
@@ -217,6 +223,7 @@ def test_in_loop_eval_restores_training_mode_and_keeps_tables_usable():
     model(batch, batch).loss.backward()  # tables cached under no_grad are reusable by training
 
 
+@pytest.mark.slow
 def test_length_eval_hook_for_the_trainer(checkpoint, data_cfg, val_tokens):
     model = load_model(checkpoint)
     accelerator = SimpleNamespace(unwrap_model=lambda module: module, mixed_precision="no")  # what the hook uses
@@ -250,6 +257,7 @@ def evaluated(checkpoint, data_cfg, tmp_path_factory) -> tuple[dict, dict]:
     return run_evaluation(eval_config(checkpoint, data_cfg, output_dir, yarn=YarnEvalConfig(mode="dynamic")))
 
 
+@pytest.mark.slow
 def test_results_files_validate_and_plot_is_written(evaluated, data_cfg):
     results, paths = evaluated
     written = json.loads(paths["json"].read_text())
@@ -274,6 +282,7 @@ def test_results_files_validate_and_plot_is_written(evaluated, data_cfg):
         validate_results(broken)
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_same_numbers(evaluated, tmp_path):
     results, _ = evaluated
     log_to_wandb(results, WandbConfig(enabled=True, mode=WandbMode.offline), tmp_path)
@@ -284,6 +293,7 @@ def test_wandb_gets_the_same_numbers(evaluated, tmp_path):
     assert ppl_by_length == {row["length"]: pytest.approx(row["ppl"]) for row in results["perplexity"]}
 
 
+@pytest.mark.slow
 def test_compare_results_overlays_runs(checkpoint, data_cfg, tmp_path):
     outputs = []
     for label, yarn in (("rope", YarnEvalConfig()), ("rope+yarn", YarnEvalConfig(mode="dynamic"))):
@@ -293,7 +303,7 @@ def test_compare_results_overlays_runs(checkpoint, data_cfg, tmp_path):
         outputs.append(run_evaluation(cfg)[1]["json"])
     result = subprocess.run(
         [sys.executable, "scripts/compare_results.py", *map(str, outputs), "--output-dir", str(tmp_path / "compare")],
-        cwd=REPO_ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
     )
@@ -304,13 +314,17 @@ def test_compare_results_overlays_runs(checkpoint, data_cfg, tmp_path):
     assert table[0] == "length,rope,rope+yarn" and len(table) == 5
 
 
-def test_eval_yaml_matches_the_config_schema():
-    yaml = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "configs" / "eval.yaml"))
+def test_eval_defaults_live_in_the_schema_only():
+    """configs/eval.yaml selects the schema and the data group and holds no setting; composing it gives exactly
+    the EvalConfig defaults (and eval.py --cfg job shows them)."""
+    yaml = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "eval.yaml"))
+    assert set(yaml) == {"defaults", "hydra"} and "eval_schema" in yaml["defaults"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        composed = OmegaConf.to_container(compose("eval", overrides=["checkpoint=x"]))
     defaults = OmegaConf.to_container(OmegaConf.structured(EvalConfig))
-    for key in ("defaults", "hydra"):
-        del yaml[key]
-    del defaults["data"]  # from the data config group
-    assert yaml == defaults
+    assert composed.pop("data")["name"] == "embedded" and composed.pop("checkpoint") == "x"
+    del defaults["data"], defaults["checkpoint"]
+    assert composed == defaults
 
 
 @pytest.fixture
@@ -326,12 +340,13 @@ def broken_checkpoints(checkpoint, tmp_path) -> dict[str, Path]:
     return {"corrupt": corrupt, "missing": tmp_path / "no_such_checkpoint", "unknown_pe": unknown_pe}
 
 
+@pytest.mark.slow
 def test_eval_cli_fails_with_one_line(broken_checkpoints):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     processes = {  # in parallel: each pays Python + torch start-up
         name: subprocess.Popen(
             [sys.executable, "eval.py", f"checkpoint={path}"],
-            cwd=REPO_ROOT,
+            cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -21,9 +21,9 @@ from fope_lm.generate import continuation_logprobs, greedy_generate
 from fope_lm.hf import ExportError, export_hf
 from fope_lm.model import build_model
 
-from eval_fixtures import passkey_tokenizer
+from conftest import REPO
+from helpers.evaluation import passkey_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN_LEN, EVAL_LEN, NEW_TOKENS = 32, 80, 24  # logits checked past the training length, where the encodings differ
 
 CASES = {  # name: (pe, pe_options, other ModelConfig overrides)
@@ -119,6 +119,7 @@ def test_export_contents(fope_export, tokenizer_dir):
     assert tokenizer.get_vocab() == passkey_tokenizer().get_vocab()
 
 
+@pytest.mark.slow
 def test_export_runs_without_fope_lm(fope_export, tmp_path):
     """The directory is self-contained: a process in which `import fope_lm` fails loads it and gets the same logits."""
     model, out = fope_export
@@ -130,6 +131,7 @@ import sys
 sys.modules["fope_lm"] = None  # import fope_lm now raises ImportError
 import torch
 from transformers import AutoModelForCausalLM
+
 expected = torch.load({str(tmp_path / "expected.pt")!r})
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 with torch.no_grad():
@@ -182,6 +184,7 @@ def test_tokenizer_from_run_dir(tmp_path, tokenizer_dir, capsys):
         export_hf(run_dir, tmp_path / "hf3", tokenizer=tmp_path)
 
 
+@pytest.mark.slow
 def test_lm_eval_harness(fope_export):
     """lm-evaluation-harness's `hf` model (HFLM) on local requests: fope_lm's log-likelihoods and greedy text."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[lm_eval]')")
@@ -197,7 +200,7 @@ def test_lm_eval_harness(fope_export):
     ]
     scores = lm.loglikelihood([Instance("loglikelihood", {}, request, i) for i, request in enumerate(requests)])
     tokenizer = passkey_tokenizer()
-    for (context, continuation), (logprob, _) in zip(requests, scores):
+    for (context, continuation), (logprob, _) in zip(requests, scores, strict=True):
         context_ids = tokenizer(context)["input_ids"]
         continuation_ids = tokenizer(context + continuation)["input_ids"][len(context_ids) :]
         expected = continuation_logprobs(model, torch.tensor([context_ids]), [[continuation_ids]])

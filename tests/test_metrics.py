@@ -1,12 +1,13 @@
-"""fope_lm.metrics: metrics.jsonl written whole and read back after an interrupted write."""
+"""fope_lm.metrics: metrics.jsonl written whole and read back after an interrupted write, the MFU peaks, wandb modes."""
 
 import json
 import logging
 
 import pytest
 
+from fope_lm.config import WandbMode
 from fope_lm.errors import FopeError
-from fope_lm.metrics import MetricsFile, read_metrics
+from fope_lm.metrics import MetricsFile, peak_flops, read_metrics, wandb_mode, wandb_run_id
 
 
 def test_records_are_appended_whole(tmp_path):
@@ -34,3 +35,22 @@ def test_a_broken_line_before_the_last_is_an_error(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
     with pytest.raises(FopeError, match=r"metrics.jsonl line 2 is not JSON .*: fix or delete that line$"):
         read_metrics(path)
+
+
+def test_peak_flops_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA A10G") == 125e12 and peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("Tesla V100-SXM2-16GB") == 125e12 and peak_flops("NVIDIA GeForce RTX 4090") == pytest.approx(165.2e12)
+    assert peak_flops("NVIDIA RTX A4000") is None and peak_flops("cpu") is None
+
+
+def test_wandb_is_offline_without_credentials(monkeypatch, tmp_path):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online" and wandb_mode(WandbMode.disabled) == "disabled"
+    assert wandb_run_id(tmp_path, "fope/60m") == wandb_run_id(tmp_path, "fope/60m")  # every rank, every requeue
+    assert wandb_run_id(tmp_path, "fope/60m", new=True) != wandb_run_id(tmp_path, "fope/60m")

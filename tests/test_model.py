@@ -4,18 +4,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fope_lm.attention import causal_attention
 from fope_lm.errors import ConfigError
 from fope_lm.model import KVCache, ModelConfig, build_model
 from fope_lm.position import available, build_position_encoding
 
+from helpers.models import dense_attention, tiny
+
 PES = ["nope", "rope", "alibi", "yarn", "fope"]
-
-
-def tiny(pe, **overrides):
-    return build_model("tiny", pe=pe, **{"vocab_size": 256, "max_seq_len": 32, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -88,6 +85,7 @@ def test_causal_and_runs_beyond_training_length(pe):
     assert not torch.allclose(a[:, 70:], b[:, 70:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pe", available())  # every registered method, the newer ones included
 def test_tiny_model_overfits_a_batch(pe):
     torch.manual_seed(0)
@@ -119,17 +117,10 @@ def test_chunked_loss_equals_full_loss_and_gradients(pe):
     chunked.loss.backward()
     assert chunked.logits is None and int(chunked.n_targets) == 3 * 50 - 5
     torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-6, atol=1e-6)
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
     summed = model(ids, labels, reduction="sum").loss
     torch.testing.assert_close(summed / (3 * 50 - 5), full.loss)
-
-
-def dense_reference(q, k, v, bias):
-    T = q.shape[2]
-    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
-    logits = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    return F.softmax(logits, -1) @ v
 
 
 def test_chunked_alibi_attention_equals_dense_reference():
@@ -137,12 +128,12 @@ def test_chunked_alibi_attention_equals_dense_reference():
     q, k, v = (torch.randn(2, 4, 70, 16) for _ in range(3))
     positions = torch.arange(70)
     bias = pe.attention_bias(positions, positions)
-    expected = dense_reference(q, k, v, bias)
+    expected = dense_attention(q, k, v, bias)
     # 4 heads x 70 keys x 3 queries per chunk: forces many chunks, including a ragged last one
     chunked = causal_attention(q, k, v, positions, positions, pe, bias_chunk_elements=4 * 70 * 3)
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
     nope = build_position_encoding("nope", head_dim=16, n_heads=4, max_seq_len=64)
-    torch.testing.assert_close(causal_attention(q, k, v, positions, positions, nope), dense_reference(q, k, v, 0.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal_attention(q, k, v, positions, positions, nope), dense_attention(q, k, v, 0.0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pe", PES)

@@ -12,7 +12,7 @@ from fope_lm.generate import continuation_logprobs, greedy_generate, prefill
 from fope_lm.model import build_model
 from fope_lm.passkey import MAX_KEY, PasskeyPrompts, first_integer, sample_trials
 
-from eval_fixtures import passkey_tokenizer
+from helpers.evaluation import passkey_tokenizer
 
 DECODING_PES = [
     ("nope", {}),

@@ -1,25 +1,32 @@
 """Every position encoding against its reference: the official code's fixtures, transformers' YaRN, the
-ALiBi paper's slopes, and FoPE's init and reduction-to-RoPE properties."""
+ALiBi paper's slopes, FoPE's init and reduction-to-RoPE properties; and the ablation encodings and controls (FoPE
+switches, rope_clip, p-RoPE, partial RoPE, KERPLE-log) against their reductions to RoPE/NoPE."""
 
 import glob
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import _compute_yarn_parameters
 
+from fope_lm.attention import causal_attention
 from fope_lm.errors import ConfigError
+from fope_lm.model import KVCache, build_model
 from fope_lm.position import available, build_position_encoding
 from fope_lm.position.base import apply_rotary, rope_inv_freq, yarn_frequencies
 from fope_lm.position.fope import kept_frequencies, step_eye
 
-from conftest import FIXTURES_DIR
+from conftest import FIXTURES_DIR, REPO
+from helpers.models import dense_attention, tiny
 
 FIXTURES = sorted(glob.glob(os.path.join(FIXTURES_DIR, "*.json")))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP threads only slow them down
 
 
 def rel_err(ours, ref):
@@ -32,7 +39,7 @@ def test_fixtures_found():
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[os.path.basename(f)[:-5] for f in FIXTURES])
 def test_matches_official_fixture(fixture):
-    meta = json.load(open(fixture))
+    meta = json.loads(Path(fixture).read_text())
     arrays = np.load(fixture[:-5] + ".npz")
     pe = build_position_encoding(
         meta["method"],
@@ -94,7 +101,7 @@ def test_fope_init_statistics(preset_shape, sigma, length):
     K, d_out = layers[0].n_freqs, layers[0].n_slots
     assert d_out == min(K, head_dim // 4)
     eye = step_eye(K, d_out)
-    if K == d_out:
+    if d_out == K:
         torch.testing.assert_close(eye, torch.eye(K))
     else:
         step = math.ceil(K / d_out)
@@ -290,3 +297,228 @@ def test_registry_errors_name_the_problem():
         build_position_encoding("rope", head_dim=32, n_heads=2, max_seq_len=64, sigma=0.3)
     with pytest.raises(ConfigError, match="'fope' has no option.*scael"):
         build_position_encoding("fope", head_dim=32, n_heads=2, max_seq_len=64, scael=2)
+
+
+# --- the ablation encodings and controls: FoPE switches, rope_clip, p-RoPE, partial RoPE, KERPLE-log ---------
+NEW_PES = ["rope_clip", "p_rope", "partial_rope", "kerple_log"]
+
+
+NEW_CONFIGS = NEW_PES + ["fope_noclip", "fope_nomix", "fope_learnable", "fope_pad0", "fope_nocap"]
+
+
+def pe(name, head_dim=64, n_heads=2, max_seq_len=512, **options):
+    return build_position_encoding(name, head_dim=head_dim, n_heads=n_heads, max_seq_len=max_seq_len, **options)
+
+
+def pair_channels(pairs, head_dim):
+    """Channel indices of half-split pairs j: (j, j + head_dim/2)."""
+    pairs = torch.as_tensor(pairs, dtype=torch.long)
+    return torch.cat((pairs, pairs + head_dim // 2))
+
+
+def logits(encoding, q, k):
+    positions = torch.arange(q.shape[2])
+    q, k = encoding.rotate_qk(q, k, positions)
+    return q @ k.transpose(-1, -2)
+
+
+@pytest.mark.parametrize(
+    "length,options",
+    [(512, {}), (1024, {}), (512, {"clip": False}), (1024, {"slot_cap": False})],
+    ids=["K=d_out", "step-eye", "noclip", "nocap"],
+)
+def test_fope_nomix_equals_fope_with_E_loaded(length, options):
+    nomix = pe("fope", max_seq_len=length, mix=False, **options)
+    mixed = pe("fope", max_seq_len=length, **options)
+    eye = step_eye(nomix.n_freqs, nomix.n_slots)
+    assert torch.equal(nomix.cos_coef, eye.expand_as(nomix.cos_coef)) and torch.equal(nomix.sin_coef, nomix.cos_coef)
+    assert not torch.allclose(mixed.cos_coef, nomix.cos_coef)  # the default mixes
+    x, positions = torch.randn(2, 2, 1200, 64), torch.arange(1200)
+    mixed.rotate(x, positions)  # a cached table of the random init must not survive the load
+    mixed.load_state_dict({"cos_coef": eye.expand_as(mixed.cos_coef).clone(), "sin_coef": eye.expand_as(mixed.sin_coef).clone()})
+    torch.testing.assert_close(nomix.rotate(x, positions), mixed.rotate(x, positions), rtol=0, atol=0)
+    # padding kept: the pairs beyond the slots get c = s = 1, i.e. x + rot(x)
+    pad = pair_channels(range(nomix.n_slots, 32), 64)
+    x1, x2 = x.chunk(2, -1)
+    torch.testing.assert_close(nomix.rotate(x, positions)[..., pad], torch.cat((x1 - x2, x2 + x1), -1)[..., pad])
+
+
+def test_fope_nomix_step_eye_leaves_slots_without_a_frequency_dead():
+    # head_dim 64 at L = 1024: K = 18, d_out = 16, step ceil(18/16) = 2, so E[2j, j] = 1 only for j < 9
+    nomix = pe("fope", max_seq_len=1024, mix=False)
+    assert (nomix.n_freqs, nomix.n_slots) == (18, 16)
+    cos, sin = nomix.cos_sin(torch.arange(100), device=torch.device("cpu"), dtype=torch.float32)
+    angles = torch.outer(torch.arange(100, dtype=torch.float32), kept_frequencies(64, 10000.0, 1024))
+    torch.testing.assert_close(cos[0, :, :9], angles[:, 0:18:2].cos())
+    assert torch.count_nonzero(cos[:, :, 9:16]) == 0 and torch.count_nonzero(sin[:, :, 9:16]) == 0
+
+
+@pytest.mark.parametrize("head_dim,length", [(64, 512), (64, 2048), (128, 512)])
+def test_fope_noclip_keeps_every_frequency_and_the_slot_cap(head_dim, length):
+    noclip = pe("fope", head_dim=head_dim, max_seq_len=length, clip=False)
+    assert noclip.n_freqs == head_dim // 2  # K
+    assert noclip.n_slots == min(noclip.n_freqs, head_dim // 4)  # d_out
+    assert noclip.cos_coef.shape == (2, head_dim // 2, head_dim // 4)
+    torch.testing.assert_close(noclip.frequencies()[0], rope_inv_freq(head_dim, 10000.0), rtol=0, atol=0)
+    assert noclip.rotary_frequencies().min() < 2 * math.pi / length  # sub-floor frequencies are in the series
+    nocap = pe("fope", head_dim=head_dim, max_seq_len=length, clip=False, slot_cap=False)
+    assert nocap.n_slots == nocap.n_freqs == head_dim // 2
+    capped = pe("fope", head_dim=head_dim, max_seq_len=length, slot_cap=False)
+    assert capped.n_slots == capped.n_freqs == kept_frequencies(head_dim, 10000.0, length).numel()
+    assert "no-clip" in repr(noclip) and "no-slot-cap" in repr(capped)
+
+
+def test_fope_with_every_switch_off_is_rope():
+    # all frequencies, identity coefficients, one slot per pair (no padding): exactly RoPE
+    fope = pe("fope", n_heads=3, clip=False, mix=False, slot_cap=False)
+    x = torch.randn(1, 3, 700, 64)
+    torch.testing.assert_close(fope.rotate(x, torch.arange(700)), pe("rope", n_heads=3).rotate(x, torch.arange(700)))
+
+
+def test_fope_pad0_and_learnable_switches():
+    x = torch.randn(1, 2, 50, 64)
+    pad0 = pe("fope", max_seq_len=1024, pad_value=0.0)  # d_out = 16 of 32 pairs
+    assert torch.count_nonzero(pad0.rotate(x, torch.arange(50))[..., pair_channels(range(16, 32), 64)]) == 0
+    learnable = pe("fope", learnable=True, mix=False)
+    assert torch.equal(learnable.cos_coef.detach(), torch.eye(16).expand(2, 16, 16))
+    learnable.rotate(x, torch.arange(50)).sum().backward()
+    assert learnable.cos_coef.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("length", [64, 512, 1024])
+def test_rope_clip_is_rope_on_kept_pairs_and_nope_on_the_others(length):
+    clip, rope = pe("rope_clip", max_seq_len=length), pe("rope", max_seq_len=length)
+    w = rope_inv_freq(64, 10000.0)
+    n_kept = int((w >= 2 * math.pi / length).sum())
+    assert n_kept == kept_frequencies(64, 10000.0, length).numel() and 0 < n_kept < 32
+    x, positions = torch.randn(2, 2, 3 * length, 64), torch.arange(3 * length)
+    ours, theirs = clip.rotate(x, positions), rope.rotate(x, positions)
+    for j in range(32):  # channel pair by channel pair
+        channels = pair_channels([j], 64)
+        reference = theirs if j < n_kept else x
+        torch.testing.assert_close(ours[..., channels], reference[..., channels], rtol=0, atol=0, msg=f"pair {j}")
+    torch.testing.assert_close(clip.rotary_frequencies(), w[:n_kept], rtol=0, atol=0)
+
+
+def test_p_rope_interpolates_between_nope_and_rope():
+    q, k = torch.randn(2, 2, 300, 64), torch.randn(2, 2, 300, 64)
+    torch.testing.assert_close(logits(pe("p_rope", p=1.0), q, k), logits(pe("rope"), q, k), rtol=0, atol=0)
+    torch.testing.assert_close(logits(pe("p_rope", p=0.0), q, k), q @ k.transpose(-1, -2), rtol=0, atol=0)
+    half = pe("p_rope", p=0.75)
+    assert half.n_kept == 24  # round(0.75 * 32)
+    assert pe("p_rope", head_dim=32, p=0.3).n_kept == 5  # round(4.8)
+    out, rope = half.rotate(q, torch.arange(300)), pe("rope").rotate(q, torch.arange(300))
+    kept, free = pair_channels(range(24), 64), pair_channels(range(24, 32), 64)
+    torch.testing.assert_close(out[..., kept], rope[..., kept], rtol=0, atol=0)
+    torch.testing.assert_close(out[..., free], q[..., free], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="p_rope"):
+        pe("p_rope", p=1.5)
+
+
+def test_partial_rope_rotates_a_prefix_with_its_own_frequencies():
+    x = torch.randn(2, 2, 400, 64)
+    positions = torch.arange(400)
+    full = pe("partial_rope", fraction=1.0)
+    torch.testing.assert_close(full.rotate(x, positions), pe("rope").rotate(x, positions), rtol=0, atol=0)
+    quarter = pe("partial_rope", fraction=0.25)
+    assert quarter.rot_dim == 16 and pe("partial_rope", fraction=0.3).rot_dim == 18  # int(19.2) rounded down to even
+    out = quarter.rotate(x, positions)
+    assert torch.equal(out[..., 16:], x[..., 16:])  # the last 3/4 of the dims untouched
+    # the first 16 dims: RoPE of a 16-dim head, w_i = theta^(-2i/16), pairs (i, i + 8)
+    angles = torch.outer(positions.float(), 10000.0 ** (-torch.arange(0, 16, 2) / 16))
+    torch.testing.assert_close(out[..., :16], apply_rotary(x[..., :16], angles.cos(), angles.sin()))
+    q, k = quarter.rotate_qk(x, x.flip(0), positions)
+    torch.testing.assert_close(k, quarter.rotate(x.flip(0), positions))
+    assert torch.equal(pe("partial_rope", fraction=0.0).rotate(x, positions), x)
+
+
+def test_rotary_frequencies_hook():
+    assert pe("nope").rotary_frequencies().numel() == 0 and pe("alibi").rotary_frequencies().numel() == 0
+    assert pe("kerple_log").rotary_frequencies().numel() == 0
+    torch.testing.assert_close(pe("rope").rotary_frequencies(), rope_inv_freq(64, 10000.0))
+    torch.testing.assert_close(pe("fope").rotary_frequencies(), kept_frequencies(64, 10000.0, 512))
+    torch.testing.assert_close(pe("partial_rope").rotary_frequencies(), rope_inv_freq(16, 10000.0))
+
+
+def test_kerple_bias_formula_and_monotone_in_distance():
+    kerple = pe("kerple_log", head_dim=16, n_heads=4)
+    bias = kerple.attention_bias(torch.arange(60), torch.arange(60))
+    assert bias.dtype == torch.float32 and bias.shape == (4, 60, 60)
+    r1, r2 = kerple.r1.detach(), kerple.r2.detach()
+    d = torch.arange(60.0)
+    torch.testing.assert_close(bias[:, 59, :].detach(), (-r1[:, None] * torch.log(1 + r2[:, None] * (59 - d))))
+    row = bias[:, 59, :].detach()  # keys 0..59 for query 59: the bias never decreases towards the query
+    assert bool((row[:, 1:] >= row[:, :-1]).all()) and torch.equal(row[:, -1], torch.zeros(4))
+    assert bool((row[:, 1:] > row[:, :-1]).all())  # r1, r2 > 0: strictly
+
+
+def test_kerple_init_matches_the_reference_distribution():
+    kerple = pe("kerple_log", head_dim=16, n_heads=4000)
+    r1, r2 = kerple.r1.detach(), kerple.r2.detach()
+    assert r1.min() >= 1e-2 - 1e-6 and r1.max() <= 2 + 1e-5 and r2.min() >= 1e-2 - 1e-6 and r2.max() <= 1 + 1e-5
+    assert abs(r1.mean().item() - 1.0) < 0.05 and abs(r2.mean().item() - 0.5) < 0.025  # U(0, 2), U(0, 1)
+
+
+def test_kerple_parameters_get_gradients_and_stay_positive():
+    model = build_model("tiny", pe="kerple_log", vocab_size=256, max_seq_len=32)
+    ids = torch.randint(0, 256, (2, 33))
+    model(ids[:, :-1], ids[:, 1:]).loss.backward()
+    for layer in model.position_encodings():
+        assert layer.rho_r1.grad.abs().min() > 0 and layer.rho_r2.grad.abs().min() > 0
+    kerple = pe("kerple_log", head_dim=16, n_heads=4)
+    optimizer = torch.optim.Adam(kerple.parameters(), lr=1.0)  # steps of ~1 in rho: r alone would turn negative
+    for _ in range(20):
+        optimizer.zero_grad()
+        (kerple.r1 + kerple.r2).sum().backward()  # push r1, r2 down
+        optimizer.step()
+    # far below the init floor 1e-2, where the same steps on r itself would have ended near r0 - 20 < 0
+    assert bool((kerple.r1 < 1e-3).all() and (kerple.r2 < 1e-3).all())
+    assert bool((kerple.r1 > 0).all() and (kerple.r2 > 0).all())
+    bias = kerple.attention_bias(torch.arange(10), torch.arange(10))
+    assert torch.isfinite(bias).all() and bool((bias[:, 9, :-1] < 0).all())
+
+
+def test_kerple_chunked_attention_equals_dense_reference():
+    kerple = pe("kerple_log", head_dim=16, n_heads=4)
+    q, k, v = (torch.randn(2, 4, 70, 16) for _ in range(3))
+    positions = torch.arange(70)
+    expected = dense_attention(q, k, v, kerple.attention_bias(positions, positions), positions, positions)
+    chunked = causal_attention(q, k, v, positions, positions, kerple, bias_chunk_elements=4 * 70 * 3)  # ragged chunks
+    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+    # a query block at the end of a KV cache
+    tail = positions[50:]
+    expected = dense_attention(q[:, :, 50:], k, v, kerple.attention_bias(tail, positions), tail, positions)
+    chunked = causal_attention(q[:, :, 50:], k, v, tail, positions, kerple, bias_chunk_elements=4 * 70 * 4)
+    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+
+
+def pe_config(name):
+    values = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "pe" / f"{name}.yaml"))
+    return values.pop("name"), values
+
+
+@pytest.mark.parametrize("config", NEW_CONFIGS)
+def test_config_builds_a_causal_tiny_model(config):
+    name, options = pe_config(config)
+    model = tiny(name, pe_options=options).eval()
+    T = 4 * 32 + 5  # well beyond the training length
+    ids = torch.randint(0, 256, (2, T))
+    changed = ids.clone()
+    changed[:, 70:] = torch.randint(0, 256, (2, T - 70))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a[:, :70], b[:, :70])
+    assert not torch.allclose(a[:, 70:], b[:, 70:])
+
+
+@pytest.mark.parametrize("name", NEW_PES)
+def test_kv_cache_decoding_matches_the_full_forward(name):
+    model = tiny(name).eval()
+    ids = torch.randint(0, 256, (2, 90))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(model.config.n_layers)
+        parts = [model(ids[:, :40], kv_cache=cache).logits, model(ids[:, 40:41], start_pos=40, kv_cache=cache).logits]
+        parts.append(model(ids[:, 41:], start_pos=41, kv_cache=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)

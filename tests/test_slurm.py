@@ -16,18 +16,19 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from fope_lm import sweep
 from fope_lm.checkpoint import checkpoint_step, find_latest_checkpoint
-from fope_lm.config import TrainConfig, build_model_config, validated
+from fope_lm.config import TrainConfig, build_model_config
 from fope_lm.metrics import read_metrics
 from fope_lm.model import Transformer
+from fope_lm.schema import validated
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import sweep  # noqa: E402
+from conftest import REPO
 
 SHELL_SCRIPTS = sorted(str(p) for p in (REPO / "slurm").iterdir() if p.suffix in (".sbatch", ".sh"))
 
 
+@pytest.mark.slow
 def test_shell_scripts_pass_bash_n_and_shellcheck():
     for script in SHELL_SCRIPTS:
         subprocess.run(["bash", "-n", script], check=True)
@@ -45,6 +46,7 @@ def test_experiment_configs_are_in_sync_with_the_grid():
         assert (sweep.EXPERIMENT_DIR / f"{run.name}.yaml").read_text() == run.overlay(), run.name
 
 
+@pytest.mark.slow
 def test_sweep_dry_run_prints_the_paper_grid_with_dependencies():
     result = subprocess.run(
         [sys.executable, "scripts/sweep.py", "--run-root", "/shared/runs"], cwd=REPO, capture_output=True, text=True, check=True
@@ -137,6 +139,7 @@ def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 6
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_data_root):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

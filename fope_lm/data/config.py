@@ -1,73 +1,77 @@
 """The `data` config group (configs/data/*.yaml) as a validated dataclass."""
 
 import dataclasses
+import functools
 import platform
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fope_lm.errors import ConfigError
+from fope_lm.schema import Choice, validated
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"  # the data group, as scripts/prepare_data.py reads it
 DEFAULT_TOKENIZER = "allenai/gpt-neox-olmo-dolma-v1_5"  # OLMo's: 50280 tokens, EOS 0, pad 1
-SOURCES = ("embedded", "hf", "files")
+
+
+class DataSource(Choice):
+    embedded = "embedded"  # this Python's standard-library docs, offline
+    hf = "hf"  # a Hugging Face Hub dataset, streamed
+    files = "files"  # local txt/jsonl/parquet
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the text comes from, how it is tokenized and where the prepared shards live."""
+    """Where the text comes from, how it is tokenized and where the prepared shards live (the values: the data group,
+    configs/data/*.yaml; the checks: __post_init__, fope_lm.schema's pattern)."""
 
-    name: str  # the prepared dir is <root>/<name> (embedded: <root>/<name>-py<python version>)
-    source: str  # "embedded", "hf" (a Hugging Face Hub dataset, streamed) or "files" (local txt/jsonl/parquet)
+    name: str = MISSING  # the prepared dir is <root>/<name> (embedded: <root>/<name>-py<python version>)
+    source: DataSource = MISSING
     root: str = "data"
-    tokenizer: str | None = None  # hub id or local dir; None: DEFAULT_TOKENIZER, or for embedded its own BPE
-    hf_path: str | None = None
-    hf_name: str | None = None
+    tokenizer: Optional[str] = None  # hub id or local dir; None: DEFAULT_TOKENIZER, or for embedded its own BPE
+    hf_path: Optional[str] = None
+    hf_name: Optional[str] = None
     text_field: str = "text"
-    paths: dict[str, list[str]] | None = None  # split -> files or globs, e.g. {"train": [...], "validation": [...]}
-    max_tokens_train: int | None = None
-    max_tokens_validation: int | None = None
+    paths: Any = None  # split -> files or globs, e.g. {"train": [...], "validation": [...]} (one path or a list: train)
+    max_tokens_train: Optional[int] = None
+    max_tokens_validation: Optional[int] = None
     validation_every: int = 10  # without a validation split, every n-th document is held out
+
+    def __post_init__(self):
+        set_field = functools.partial(object.__setattr__, self)  # frozen: the normalised values are set once, here
+        if self.source not in DataSource.__members__:
+            raise ConfigError(f"data.source={self.source!r} is not one of {DataSource.names()}")
+        set_field("source", DataSource(self.source))
+        set_field("root", str(self.root or "data"))
+        if self.source != DataSource.embedded and self.tokenizer is None:
+            set_field("tokenizer", DEFAULT_TOKENIZER)
+        if self.source == DataSource.hf and not self.hf_path:
+            raise ConfigError("data.source=hf needs hf_path (a Hugging Face dataset id such as allenai/c4)")
+        if self.source == DataSource.files:
+            set_field("paths", _split_paths(self.paths))
+        for key in ("max_tokens_train", "max_tokens_validation"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"data.{key} must be a positive integer or null, got {getattr(self, key)!r}")
+        if self.validation_every < 2:
+            raise ConfigError(f"data.validation_every must be an integer >= 2, got {self.validation_every!r}")
 
     @classmethod
     def from_cfg(cls, cfg: "Mapping | DictConfig | DataConfig") -> "DataConfig":
         """Validate a config mapping (a Hydra/OmegaConf node or a plain dict)."""
-        if isinstance(cfg, DataConfig):
-            return cfg
-        values = dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
-        known = {field.name for field in dataclasses.fields(cls)}
-        if unknown := sorted(set(values) - known):
-            raise ConfigError(f"unknown data config keys {unknown}; known keys: {sorted(known)}")
-        if "name" not in values or "source" not in values:
-            raise ConfigError("a data config needs `name` and `source` (embedded, hf or files)")
-        if values["source"] not in SOURCES:
-            raise ConfigError(f"data.source={values['source']!r} is not one of {', '.join(SOURCES)}")
-        values["root"] = str(values.get("root") or "data")
-        if values["source"] != "embedded" and values.get("tokenizer") is None:
-            values["tokenizer"] = DEFAULT_TOKENIZER
-        if values["source"] == "hf" and not values.get("hf_path"):
-            raise ConfigError("data.source=hf needs hf_path (a Hugging Face dataset id such as allenai/c4)")
-        if values["source"] == "files":
-            values["paths"] = _split_paths(values.get("paths"))
-        for key in ("max_tokens_train", "max_tokens_validation"):
-            if values.get(key) is not None and (not isinstance(values[key], int) or values[key] <= 0):
-                raise ConfigError(f"data.{key} must be a positive integer or null, got {values[key]!r}")
-        every = values.get("validation_every", cls.validation_every)
-        if not isinstance(every, int) or every < 2:
-            raise ConfigError(f"data.validation_every must be an integer >= 2, got {every!r}")
-        return cls(**values)
+        return validated(cls, cfg)
 
     @property
     def prepared_dir(self) -> Path:
-        if self.source == "embedded":  # its text is the running Python's stdlib, so the version names the corpus
+        if self.source == DataSource.embedded:  # its text is the running Python's stdlib, so the version names the corpus
             return Path(self.root) / f"{self.name}-py{platform.python_version()}"
         return Path(self.root) / self.name
 
     def to_dict(self) -> dict:
         """Everything that determines the prepared data (all fields but `root`), as recorded in metadata.json."""
-        values = dataclasses.asdict(self)
+        values = dataclasses.asdict(self) | {"source": str(self.source)}
         del values["root"]
         return values
 
@@ -91,10 +95,9 @@ def prepare_command(cfg: DataConfig, *, overwrite: bool = False) -> str:
     wanted = dataclasses.asdict(cfg)
     best: tuple[int, str, list[str]] | None = None
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        base = OmegaConf.load(path)
-        if base.get("source") != cfg.source:
+        values: dict = OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[assignment]  # a mapping
+        if values.get("source") != cfg.source:
             continue
-        values = dict(OmegaConf.to_container(base, resolve=True))
         try:
             values = dataclasses.asdict(DataConfig.from_cfg(values))
         except ConfigError:  # a base that needs overrides to be valid at all (e.g. local's paths): compare as written

@@ -113,7 +113,7 @@ class TokenData:
                 tokens = np.memmap(path, dtype=self.dtype, mode="r")
                 for start in range(0, tokens.size, _SCAN_TOKENS):
                     chunk = tokens[start : start + _SCAN_TOKENS]
-                    digest.update(chunk)
+                    digest.update(chunk.tobytes())
                     max_token_id = max(max_token_id, int(chunk.max()))
                 del tokens, chunk  # unmap
                 if digest.hexdigest() != shard["sha256"]:

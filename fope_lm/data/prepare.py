@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import datasets
 import numpy as np
@@ -198,7 +199,7 @@ def _load_files(cfg: DataConfig) -> dict[str, datasets.Dataset]:
 
 def _match_files(paths: dict[str, list[str]]) -> dict[str, list[str]]:
     """Expand the globs of each split, in sorted order, refusing patterns that match nothing."""
-    matched = {}
+    matched: dict[str, list[str]] = {}
     for split, patterns in paths.items():
         matched[split] = []
         for pattern in patterns:
@@ -210,13 +211,13 @@ def _match_files(paths: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def _file_builder(paths: dict[str, list[str]]) -> str:
     """The `datasets` builder for the files' extension; one source is all txt, all json(l) or all parquet."""
-    builders = set()
+    builders: set[str | None] = set()
     for path in itertools.chain.from_iterable(paths.values()):
         suffixes = [suffix.lower() for suffix in Path(path).suffixes if suffix.lower() not in _COMPRESSIONS]
         builders.add(_FILE_BUILDERS.get(suffixes[-1] if suffixes else ""))
     if len(builders) != 1 or None in builders:
         raise ConfigError(f"data.paths must be all .txt, all .jsonl/.json or all .parquet files, got {paths}")
-    return builders.pop()
+    return str(builders.pop())
 
 
 def _write_dataset(out_dir, cfg, texts, tokenizer, source, num_proc, shard_tokens) -> dict:
@@ -328,7 +329,7 @@ class _ShardWriter:
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.shards: list[dict] = []  # {"file", "num_tokens", "sha256"} of each finished shard
-        self._file = None
+        self._file: BinaryIO | None = None
 
     def write(self, tokens: np.ndarray) -> None:
         while tokens.size:
@@ -336,6 +337,7 @@ class _ShardWriter:
                 self._start_shard()
             head, tokens = tokens[: self._room], tokens[self._room :]
             data = head.tobytes()
+            assert self._file is not None  # _start_shard opened it
             self._file.write(data)
             self._digest.update(data)
             self._room -= head.size

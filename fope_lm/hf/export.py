@@ -15,6 +15,7 @@ trust_remote_code=True)`. fope_lm stays the one source of truth, since every exp
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import pkgutil
 from pathlib import Path
@@ -55,7 +56,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
     if len(tok) > model.config.vocab_size:
         raise ExportError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, more than the model's vocab_size {model.config.vocab_size}")
 
-    config = FopeConfig(
+    config = FopeConfig(  # type: ignore[call-arg]  # PreTrainedConfig takes any keyword
         **model.config.to_dict(),
         auto_map={"AutoConfig": "configuration_fope.FopeConfig", "AutoModelForCausalLM": "modeling_fope.FopeForCausalLM"},
     )
@@ -106,7 +107,7 @@ def ship_module(module: str) -> str:
     source = _source(module)
     lines = source.splitlines(keepends=True)
     for node in reversed(_package_imports(module, ast.parse(source))):
-        name = node.module.removeprefix(f"{PACKAGE}.hf.")
+        name = str(node.module).removeprefix(f"{PACKAGE}.hf.")
         target = name if name in SHIPPED else BUNDLE
         names = ", ".join(alias.name for alias in node.names)
         lines[node.lineno - 1 : node.end_lineno] = [f"from .{target} import {names}\n"]
@@ -161,13 +162,20 @@ def _shipped_modules() -> set[str]:
     return {f"{PACKAGE}.hf.{name}" for name in SHIPPED}
 
 
+def _spec(module: str) -> importlib.machinery.ModuleSpec:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ExportError(f"cannot find the source of {module}")
+    return spec
+
+
 def _source(module: str) -> str:
-    return Path(importlib.util.find_spec(module).origin).read_text()
+    return Path(str(_spec(module).origin)).read_text()
 
 
 def _relative_path(module: str) -> str:
-    root = Path(importlib.util.find_spec(PACKAGE).origin).parent.parent
-    return str(Path(importlib.util.find_spec(module).origin).relative_to(root))
+    root = Path(str(_spec(PACKAGE).origin)).parent.parent
+    return str(Path(str(_spec(module).origin)).relative_to(root))
 
 
 def _package_imports(module: str, tree: ast.Module) -> list[ast.ImportFrom]:
@@ -176,7 +184,7 @@ def _package_imports(module: str, tree: ast.Module) -> list[ast.ImportFrom]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import) and any(alias.name.split(".")[0] == PACKAGE for alias in node.names):
             raise ExportError(f"{module}:{node.lineno}: write `from {PACKAGE}.x import name`, which the exporter can bundle")
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == PACKAGE:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and str(node.module).split(".")[0] == PACKAGE:
             if node not in tree.body or any(alias.asname or alias.name == "*" for alias in node.names):
                 raise ExportError(f"{module}:{node.lineno}: the exporter bundles only top-level, unaliased {PACKAGE} imports")
             found.append(node)
@@ -187,9 +195,9 @@ def _dependencies(module: str) -> list[str]:
     """The fope_lm modules `module` imports from; a package stands for all of its modules (not its __init__)."""
     found = []
     for node in _package_imports(module, ast.parse(_source(module))):
-        spec = importlib.util.find_spec(node.module)
+        spec = _spec(str(node.module))
         if spec.submodule_search_locations is None:
-            found.append(node.module)
+            found.append(str(node.module))
         else:
             found += sorted(f"{node.module}.{info.name}" for info in pkgutil.iter_modules(spec.submodule_search_locations))
     return found
@@ -210,6 +218,6 @@ def _top_level_bindings(tree: ast.Module):
         elif isinstance(node, ast.Import):
             for alias in node.names:  # `import a.b` binds a; `import a.b as c` binds c to a.b
                 yield (alias.asname, f"import {alias.name}") if alias.asname else (alias.name.split(".")[0], "import")
-        elif isinstance(node, ast.ImportFrom) and node.module != "__future__" and node.module.split(".")[0] != PACKAGE:
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__" and str(node.module).split(".")[0] != PACKAGE:
             for alias in node.names:
                 yield alias.asname or alias.name, f"from {node.module} import {alias.name}"

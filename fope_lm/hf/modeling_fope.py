@@ -114,4 +114,4 @@ class FopeForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})  # type: ignore[arg-type]  # the cache field's name differs by version

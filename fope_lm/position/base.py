@@ -174,7 +174,7 @@ def yarn_ramp(head_dim: int, theta: float, original_max_seq_len: int, beta_fast:
         return head_dim * math.log(original_max_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    high: float = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
     if high == low:
         high += 0.001  # avoid division by zero, as the reference does
     ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)

@@ -47,6 +47,9 @@ def step_eye(n_freqs: int, n_slots: int) -> torch.Tensor:
 
 @register("fope")
 class FourierPositionEncoding(RotaryEncoding):
+    cos_coef: torch.Tensor  # (H, K, d_out): a buffer, or a Parameter when learnable
+    sin_coef: torch.Tensor
+
     def __init__(
         self,
         *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -44,12 +45,12 @@ def make_train_step(model, loss_fn, optimizer, device, dtype):
     return step
 
 
-def time_interleaved(steps: dict[str, callable], warmup: int, repeats: int) -> dict[str, float]:
+def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, float]:
     """Median seconds per step for each named step function, run round-robin."""
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times = {name: [] for name in steps}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             times[name].append(step())
@@ -57,8 +58,8 @@ def time_interleaved(steps: dict[str, callable], warmup: int, repeats: int) -> d
 
 
 def print_table(header: list[str], rows: list[list]) -> None:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:

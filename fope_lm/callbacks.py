@@ -1,0 +1,181 @@
+"""What happens around the training loop, as callbacks on a handful of hooks (OLMo-core's pattern): the metrics
+file, wandb, the console, throughput/MFU and stop requests. The trainer calls every hook of every callback in
+order; each hook is optional.
+
+  on_train_start(trainer)               before the first step (after a resume's state is restored)
+  on_step_start(trainer, step)          before optimizer step `step` (1-based)
+  on_step_end(trainer, step, result)    after it (result: the step's loss, grad norm, lr, stop vote)
+  on_log(trainer, step, metrics)        a step with metrics to report; callbacks earlier in the list may add
+                                        entries (throughput), later ones write them (file, wandb, console)
+  on_save(trainer, step, staging)       while checkpoint `step` is written: its weights are in `staging`
+  on_finish(trainer, stopped)           after the last step, or after a requested stop
+  stop_requested() -> bool              whether this rank was asked to stop (all-reduced by the step)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from fope_lm.distributed import StopRequests
+from fope_lm.metrics import MetricsFile, peak_flops, peak_memory_gib, start_wandb
+
+if TYPE_CHECKING:
+    from fope_lm.train import StepResult, Trainer
+
+log = logging.getLogger("fope_lm.train")
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_step_start(self, trainer: Trainer, step: int) -> None: ...
+    def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None: ...
+    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None: ...
+    def on_save(self, trainer: Trainer, step: int, staging: Path) -> None: ...
+    def on_finish(self, trainer: Trainer, stopped: bool) -> None: ...
+    def stop_requested(self) -> bool:
+        return False
+
+
+class Callbacks(list):
+    """The trainer's callbacks, called in order."""
+
+    def call(self, hook: str, *args: Any) -> None:
+        for callback in self:
+            getattr(callback, hook)(*args)
+
+    def stop_requested(self) -> bool:
+        return any(callback.stop_requested() for callback in self)
+
+
+class Throughput(Callback):
+    """perf/tokens_per_s_per_device, perf/step_seconds and perf/mfu over the steps since the last report (steps
+    timed from start to end, logging and checkpoints excluded), and perf/peak_mem_gib; added to train metrics.
+
+    MFU = achieved FLOP/s per device / the device's peak dense bf16 FLOP/s (fope_lm.metrics.PEAK_BF16_TFLOPS, or
+    train.peak_tflops), with achieved = tokens/s x Transformer.flops_per_token(seq_len)."""
+
+    def __init__(self, tokens_per_step_per_device: int, flops_per_token: float, peak: float | None):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step_per_device, flops_per_token, peak
+        self.steps, self.seconds, self.started = 0, 0.0, 0.0
+
+    @classmethod
+    def for_trainer(cls, trainer: Trainer) -> Throughput:
+        train, device = trainer.config.train, trainer.device
+        device_peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        peak = train.peak_tflops * 1e12 if train.peak_tflops else device_peak
+        return cls(train.tokens_per_step // trainer.plan.world_size, trainer.flops_per_token, peak)
+
+    def on_step_start(self, trainer, step):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, trainer, step, result):
+        self.steps += 1
+        self.seconds += time.perf_counter() - self.started
+
+    def on_log(self, trainer, step, metrics):
+        if "train/loss" in metrics:
+            metrics |= self.report() | {"perf/peak_mem_gib": peak_memory_gib(trainer.device)}
+
+    def report(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        tokens_per_s = self.steps * self.tokens_per_step / self.seconds
+        metrics = {"perf/tokens_per_s_per_device": tokens_per_s, "perf/step_seconds": self.seconds / self.steps}
+        if self.peak:
+            metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / self.peak
+        self.steps, self.seconds = 0, 0.0
+        return metrics
+
+
+class MetricsFileWriter(Callback):
+    """<run_dir>/metrics.jsonl (rank 0): one record per logged step. A resumed run first drops the records after the
+    step it continues, so that the file is one trajectory."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.file, self.keep_until = MetricsFile(path), keep_until
+
+    def on_train_start(self, trainer):
+        self.file.keep_until(self.keep_until)
+
+    def on_log(self, trainer, step, metrics):
+        self.file.write(step, metrics)
+
+
+class WandbLogger(Callback):
+    """The run's wandb run (rank 0): resumed under the same id by a resume or a requeue; offline without credentials."""
+
+    def __init__(self):
+        self.run = None
+
+    def on_train_start(self, trainer):
+        from fope_lm.config import to_container
+
+        config, plan = trainer.config, trainer.plan
+        new_id = config.overwrite and plan.resume_from is None
+        self.run = start_wandb(config.wandb, run_dir=plan.run_dir, run_name=config.run_name, config=to_container(config), new_id=new_id)
+
+    def on_log(self, trainer, step, metrics):
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def on_finish(self, trainer, stopped):
+        if self.run is not None:
+            self.run.finish()
+
+
+class ConsoleProgress(Callback):
+    """A tqdm bar on rank 0 (when stderr is a terminal) and one log line per logged step."""
+
+    SHOWN = (
+        ("train/loss", "loss {:.4f}"),
+        ("val/loss", "val {:.4f}"),
+        ("train/lr", "lr {:.2e}"),
+        ("train/grad_norm", "grad {:.3f}"),
+        ("perf/tokens_per_s_per_device", "{:,.0f} tok/s/dev"),
+        ("perf/mfu", "mfu {:.1%}"),
+    )
+
+    def __init__(self):
+        self.bar: tqdm | None = None
+        self.redirect = logging_redirect_tqdm()
+
+    def on_train_start(self, trainer):
+        self.redirect.__enter__()
+        self.bar = tqdm(total=trainer.config.train.max_steps, initial=trainer.step, desc=trainer.config.run_name, disable=None)
+
+    def on_step_end(self, trainer, step, result):
+        self.bar.update()
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
+
+    def on_log(self, trainer, step, metrics):
+        shown = [f"step {step}/{trainer.config.train.max_steps}"]
+        shown += [fmt.format(metrics[key]) for key, fmt in self.SHOWN if key in metrics]
+        log.info(" | ".join(shown))
+
+    def on_finish(self, trainer, stopped):
+        self.bar.close()
+        self.redirect.__exit__(None, None, None)
+
+
+class StopOnRequest(Callback):
+    """SIGTERM/SIGUSR1 or the stop file ask for a stop (fope_lm.distributed.StopRequests); once honoured (the step
+    saved), the stop file is removed so that the resumed run does not stop at once."""
+
+    def __init__(self, stop_file: Path, *, watch_file: bool, not_before: float):
+        self.requests = StopRequests(stop_file, watch_file=watch_file, not_before=not_before)
+
+    def stop_requested(self) -> bool:
+        return self.requests.requested()
+
+    def on_finish(self, trainer, stopped):
+        if stopped:
+            reason = self.requests.reason or "asked by another rank"
+            log.info("stopped at step %d (%s); resume with resume=auto", trainer.step, reason)
+            self.requests.consume_stop_file()

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: perplexity across context lengths and passkey retrieval (docs/eval.md).
 
     python eval.py checkpoint=runs/rope-tiny-L128-s0
-    python eval.py checkpoint=runs/rope-tiny-L128-s0/checkpoints/step_000800 yarn.mode=dynamic
+    python eval.py checkpoint=runs/rope-tiny-L128-s0/checkpoints/step_000800 scaling.method=yarn scaling.dynamic=true
 Writes results.json / results.csv / results.md / perplexity.png to output_dir (default <run_dir>/eval/<step_N>/<label>).
 """
 

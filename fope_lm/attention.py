@@ -40,15 +40,16 @@ def causal_attention(
     k_positions: torch.Tensor,
     pe: PositionEncoding,
     *,
+    flash=None,
     bias_chunk_elements: int = BIAS_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v with a causal mask by absolute position.
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D); positions: int64 (Tq,) and (Tk,), on any device. With a KV cache
-    the queries are the last Tq positions of the keys.
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D); positions: int64 (Tq,) and (Tk,) on q's device. With a KV cache the
+    queries are the last Tq positions of the keys. flash: `flash_attn_func()`, looked up by the caller once (at
+    model build), so that nothing here imports or looks anything up while a forward is traced.
     """
     n_heads, tq, tk = q.shape[1], q.shape[2], k.shape[2]
-    flash = flash_attn_func()
     flash_fits = flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if flash_fits and (not pe.has_attention_bias or pe.alibi_slopes is not None):
         slopes = pe.alibi_slopes
@@ -67,10 +68,8 @@ def causal_attention(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         if tq == 1:  # one new token attends to the whole cache
             return F.scaled_dot_product_attention(q, k, v)
-        mask = causal_mask(q_positions.to(q.device), k_positions.to(q.device))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_positions, k_positions))
 
-    q_positions, k_positions = q_positions.to(q.device), k_positions.to(q.device)
     chunk = max(1, bias_chunk_elements // (n_heads * tk))
     outputs = []
     for start in range(0, tq, chunk):

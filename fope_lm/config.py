@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,6 +90,14 @@ class TrainSection:
     num_threads: int | None = None
     peak_tflops: float | None = None
     compile: bool = MISSING
+    activation_checkpointing: str = MISSING  # none | full | every_<n>
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Recompute every n-th block in backward instead of storing its activations: 0 none, 1 every block."""
+        if self.activation_checkpointing == "none":
+            return 0
+        return 1 if self.activation_checkpointing == "full" else int(self.activation_checkpointing.removeprefix("every_"))
 
     def __post_init__(self):
         if self.global_batch_size is None and self.global_batch_tokens is None:
@@ -101,6 +110,10 @@ class TrainSection:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"train.{name} must be positive or null, got {value}")
+        if not re.fullmatch(r"none|full|every_[1-9][0-9]*", self.activation_checkpointing):
+            raise ConfigError(
+                f"train.activation_checkpointing must be none, full or every_<n> (every n-th block), got {self.activation_checkpointing!r}"
+            )
         if self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be at least 1, got {self.max_steps}")
         if self.grad_clip is not None and not self.grad_clip > 0:  # a negative max norm flips the gradient's sign

@@ -19,10 +19,15 @@ from fope_lm.schema import Choice
 PAPER_LENGTHS = [128, 256, 512, 1024, 2048, 4096, 8192]
 
 
-class YarnMode(Choice):
+class ScalingMethod(Choice):
+    """fope_lm.position.base.RotaryScaling's methods."""
+
     none = "none"
-    static = "static"  # a fixed scale s
-    dynamic = "dynamic"  # s = max(1, T / L) per evaluated length, L the training length
+    yarn = "yarn"  # NTK-by-parts + attention temperature; static s, or dynamic s = max(1, T / L)
+    linear = "linear"  # position interpolation: w / s
+    ntk = "ntk"  # NTK-aware base: theta s^(d/(d-2))
+    dynamic_ntk = "dynamic_ntk"  # transformers' dynamic NTK
+    abf = "abf"  # a new base (`base`)
 
 
 class AutocastDtype(Choice):
@@ -83,21 +88,28 @@ class PasskeyConfig:
 
 
 @dataclass
-class YarnEvalConfig:
-    """YaRN applied at evaluation time to a rotary checkpoint (rope -> yarn, fope -> FoPE+YaRN); weights unchanged."""
+class ScalingEvalConfig:
+    """Length scaling applied at evaluation time to any rotary checkpoint (rope, yarn, fope, rope_clip, p_rope,
+    partial_rope, ...): its pe_options gain these, its weights are untouched (FoPE+YaRN for FoPE)."""
 
-    mode: YarnMode = YarnMode.none
-    scale: float = 4.0  # the static mode's s
-    attention_factor: float | None = None  # null: 0.1 ln(s) + 1; 1.0 disables the temperature
+    method: ScalingMethod = ScalingMethod.none
+    scale: float = 4.0  # s (yarn static, linear, ntk, dynamic_ntk)
+    dynamic: bool = False  # yarn: s = max(1, T / L) per evaluated length, L the training length
+    attention_factor: float | None = None  # yarn: null: 0.1 ln(s) + 1; 1.0 disables the temperature
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    base: float | None = None  # abf: the new RoPE base
 
     def __post_init__(self):
-        if self.mode not in YarnMode.__members__:
-            raise ConfigError(f"yarn.mode={self.mode!r} is not one of {YarnMode.names()}")
-        self.mode = YarnMode(self.mode)
+        if self.method not in ScalingMethod.__members__:
+            raise ConfigError(f"scaling.method={self.method!r} is not one of {ScalingMethod.names()}")
+        self.method = ScalingMethod(self.method)
         if self.scale < 1:
-            raise ConfigError(f"yarn.scale must be >= 1, got {self.scale}")
+            raise ConfigError(f"scaling.scale must be >= 1, got {self.scale}")
+        if self.dynamic and self.method != ScalingMethod.yarn:
+            raise ConfigError(f"scaling.dynamic=true is YaRN's: use scaling.method=yarn (or method=dynamic_ntk), got {self.method}")
+        if (self.method == ScalingMethod.abf) != (self.base is not None):
+            raise ConfigError("scaling.method=abf needs scaling.base (the new RoPE base, e.g. 500000), and only abf takes one")
 
 
 @dataclass
@@ -124,7 +136,7 @@ class EvalConfig:
     progress: bool = True  # tqdm bars per length
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
-    yarn: YarnEvalConfig = field(default_factory=YarnEvalConfig)
+    scaling: ScalingEvalConfig = field(default_factory=ScalingEvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):

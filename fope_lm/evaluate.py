@@ -36,19 +36,19 @@ from fope_lm import checkpoint as checkpoints
 from fope_lm import report
 from fope_lm.data import TokenData, ValidationTokens, ensure_prepared, load_tokenizer
 from fope_lm.errors import ConfigError, DataError
-from fope_lm.eval_config import EvalConfig, WandbConfig, YarnEvalConfig
+from fope_lm.eval_config import EvalConfig, ScalingEvalConfig, ScalingMethod, WandbConfig
 from fope_lm.generate import inference, lm_logits
 from fope_lm.metrics import start_wandb
 from fope_lm.model import ModelConfig, Transformer
 from fope_lm.passkey import evaluate_passkey
+from fope_lm.position import RotaryEncoding, get_class
 from fope_lm.provenance import git_sha, package_versions
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOSS_CHUNK_TOKENS = 4096
-RESULTS_FORMAT_VERSION = 1
+RESULTS_FORMAT_VERSION = 2  # 2: eval_scaling (any method) replaced eval_yarn
 RESULTS_SCHEMA = Path(__file__).parent / "schemas" / "results.schema.json"
-ROTARY_PES = ("rope", "yarn", "fope")  # the encodings YaRN can rescale
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -217,38 +217,47 @@ def length_eval_hook(
 
 
 # --- a checkpoint, end to end ---------------------------------------------------------------------------------
-def yarn_overrides(trained: ModelConfig, yarn: YarnEvalConfig) -> dict:
-    """load_model overrides that apply YaRN at evaluation time; the weights are untouched.
+def scaling_overrides(trained: ModelConfig, scaling: ScalingEvalConfig) -> dict:
+    """load_model overrides that apply length scaling at evaluation time; the weights are untouched.
 
-    rope -> yarn with L0 = the training length; fope -> FoPE+YaRN and yarn -> rescaled, both keeping their own
-    options (FoPE's coefficient settings, a YaRN run's L0).
+    Any rotary checkpoint keeps its encoding and options (FoPE's coefficient settings, a YaRN run's L0) and gains
+    the scaling options; L0 is the length the rotary weights were first trained at.
     """
-    if yarn.mode == "none":
+    if scaling.method == ScalingMethod.none:
         return {}
-    if trained.pe not in ROTARY_PES:
-        raise ConfigError(f"eval-time YaRN rescales rotary encodings ({', '.join(ROTARY_PES)}); this checkpoint uses {trained.pe!r}")
+    if not issubclass(get_class(trained.pe), RotaryEncoding):
+        raise ConfigError(f"eval-time length scaling rescales rotary encodings; this checkpoint uses {trained.pe!r}, which has none")
     options = {
-        "scale": 1.0 if yarn.mode == "dynamic" else yarn.scale,
-        "dynamic": yarn.mode == "dynamic",
+        "scaling": str(scaling.method),
+        "scale": 1.0 if scaling.dynamic or scaling.method == ScalingMethod.abf else scaling.scale,
+        "dynamic": scaling.dynamic,
         "original_max_seq_len": original_length(trained),
-        "attention_factor": yarn.attention_factor,
-        "beta_fast": yarn.beta_fast,
-        "beta_slow": yarn.beta_slow,
+        "attention_factor": scaling.attention_factor,
+        "beta_fast": scaling.beta_fast,
+        "beta_slow": scaling.beta_slow,
+        "base": scaling.base,
     }
-    if trained.pe == "rope":
-        return {"pe": "yarn", "pe_options": options}
     return {"pe_options": {**trained.pe_options, **options}}
 
 
+def scaling_record(scaling: ScalingEvalConfig, trained: ModelConfig) -> dict:
+    """The eval-time scaling as results.json records it."""
+    record = {key: str(value) if key == "method" else value for key, value in vars(scaling).items()}
+    return record | {"original_max_seq_len": original_length(trained)}
+
+
 def original_length(trained: ModelConfig) -> int:
-    """YaRN's L0: the length the rotary weights were first trained at."""
+    """L0: the length the rotary weights were first trained at."""
     return trained.pe_options.get("original_max_seq_len") or trained.max_seq_len
 
 
-def default_label(pe: str, yarn: YarnEvalConfig) -> str:
-    if yarn.mode == "none":
+def default_label(pe: str, scaling: ScalingEvalConfig) -> str:
+    """The PE, plus eval-time scaling: "rope+yarn(dynamic)", "rope+yarn(s=4)", "rope_clip+linear(s=4)", ..."""
+    if scaling.method == ScalingMethod.none:
         return pe
-    return f"{pe}+yarn({'dynamic' if yarn.mode == 'dynamic' else f's={yarn.scale:g}'})"
+    if scaling.method == ScalingMethod.abf:
+        return f"{pe}+abf(base={scaling.base:g})"
+    return f"{pe}+{scaling.method}({'dynamic' if scaling.dynamic else f's={scaling.scale:g}'})"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -280,7 +289,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     train_len = metadata.get("train_seq_len", trained.max_seq_len)
     device = resolve_device(cfg.device)
     autocast_dtype = resolve_autocast(cfg.dtype, device)
-    model = checkpoints.load_model(checkpoint_dir, device=device, **yarn_overrides(trained, cfg.yarn))
+    model = checkpoints.load_model(checkpoint_dir, device=device, **scaling_overrides(trained, cfg.scaling))
     data = TokenData(ensure_prepared(cfg.data))
     data.check_vocab(model.config.vocab_size)
     training_fingerprint = metadata.get("data_fingerprint")
@@ -289,7 +298,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
             f"{data.dir} is not the data {checkpoint_dir} was trained on (fingerprint {training_fingerprint[:12]}): "
             "check that both use the same tokenizer"
         )
-    label = cfg.label or default_label(trained.pe, cfg.yarn)
+    label = cfg.label or default_label(trained.pe, cfg.scaling)
     ppl_cfg = cfg.perplexity
     logger.info(f"evaluating {checkpoint_dir} as {label!r} on {data.dir} ({_device_name(device)})")
 
@@ -337,7 +346,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
         "pe_options": trained.pe_options,
         "eval_pe": model.config.pe,
         "eval_pe_options": model.config.pe_options,
-        "eval_yarn": None if cfg.yarn.mode == "none" else {**vars(cfg.yarn), "original_max_seq_len": original_length(trained)},
+        "eval_scaling": None if cfg.scaling.method == ScalingMethod.none else scaling_record(cfg.scaling, trained),
         "train_seq_len": train_len,
         "step": metadata.get("step"),
         "model": {"config": trained.to_dict(), "n_parameters": model.num_parameters()},
@@ -410,7 +419,7 @@ def log_to_wandb(results: dict, wandb_cfg: WandbConfig, output_dir: str | Path) 
         wandb_cfg,
         run_dir=Path(output_dir),
         run_name=results["label"],
-        config={key: results[key] for key in ("label", "checkpoint", "step", "pe", "eval_pe", "eval_yarn", "train_seq_len")},
+        config={key: results[key] for key in ("label", "checkpoint", "step", "pe", "eval_pe", "eval_scaling", "train_seq_len")},
         new_id=True,
     )
     if run is None:  # mode disabled

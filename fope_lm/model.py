@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fope_lm.attention import causal_attention
+from fope_lm.attention import causal_attention, flash_attn_func
 from fope_lm.errors import ConfigError
-from fope_lm.position import PositionEncoding, build_position_encoding
+from fope_lm.position import PositionEncoding, Positions, build_position_encoding
 
 VOCAB_MULTIPLE = 128  # embedding rows are padded to a multiple of this (50280 -> 50304): faster matmuls
 
@@ -127,6 +127,7 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.flash = flash_attn_func()  # looked up once, here: never inside a traced forward
         self.pe: PositionEncoding = build_position_encoding(
             config.pe,
             head_dim=config.head_dim,
@@ -136,20 +137,21 @@ class Attention(nn.Module):
             **config.pe_options,
         )
 
-    def rotated_qkv(self, x, positions, dynamic_len: int | None = None):
+    def rotated_qkv(self, x, positions: Positions | torch.Tensor, dynamic_len: int | None = None):
         """q, k, v (B, H, T, Dh) of x (B, T, D), q and k after the position encoding."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return (*self.pe.rotate_qk(q, k, positions, dynamic_len), v)
 
-    def forward(self, x, positions, kv_cache: KVCache | None = None, dynamic_len: int | None = None):
+    def forward(self, x, positions: Positions | torch.Tensor, kv_cache: KVCache | None = None, dynamic_len: int | None = None):
         B, T, D = x.shape
+        positions = Positions.of(positions)
         q, k, v = self.rotated_qkv(x, positions, dynamic_len)
-        k_positions = positions
-        if kv_cache is not None:
+        q_positions = k_positions = positions.tensor(x.device)
+        if kv_cache is not None:  # the cached keys sit at 0 .. start - 1, the new ones after them
             k, v = kv_cache.update(self.layer, k, v)
-            k_positions = torch.arange(k.shape[2])
-        y = causal_attention(q, k, v, positions, k_positions, self.pe)  # (B, H, T, Dh)
+            k_positions = torch.arange(k.shape[2], device=x.device)
+        y = causal_attention(q, k, v, q_positions, k_positions, self.pe, flash=self.flash)  # (B, H, T, Dh)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -194,6 +196,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.checkpoint_every = 0  # activation checkpointing: a training-time choice (set_activation_checkpointing)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -206,6 +209,16 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, PositionEncoding):
                 module.reset_parameters()
+
+    def use_flash_attention(self, enabled: bool) -> None:
+        """flash-attn where installed and the inputs fit (CUDA, 16-bit), the default; False: always PyTorch SDPA."""
+        for block in self.blocks:
+            cast(Block, block).attn.flash = flash_attn_func() if enabled else None
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute every `every`-th block (blocks 0, every, 2 every, ...) in backward instead of keeping its
+        activations (non-reentrant, so it composes with torch.compile, DDP and DeepSpeed); 0 turns it off."""
+        self.checkpoint_every = every
 
     def position_encodings(self) -> list[PositionEncoding]:
         return [cast(Block, block).attn.pe for block in self.blocks]
@@ -237,10 +250,14 @@ class Transformer(nn.Module):
         apply to a few positions at a time (arguments as in `forward`)."""
         if kv_cache is not None and start_pos != kv_cache.length:
             raise ValueError(f"start_pos {start_pos} does not continue the KV cache of length {kv_cache.length}")
-        positions = torch.arange(start_pos, start_pos + input_ids.shape[1])  # CPU: position tables slice without a sync
+        positions = Positions(start_pos, input_ids.shape[1])  # Python ints: static for the compiler, no host reads
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, positions, kv_cache, dynamic_len)
+        recompute = self.checkpoint_every and kv_cache is None and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if recompute and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, positions, None, dynamic_len, use_reentrant=False)
+            else:
+                x = block(x, positions, kv_cache, dynamic_len)
         return self.norm(x)
 
     def forward(

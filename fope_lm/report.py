@@ -81,11 +81,11 @@ def write_csv(path: str | Path, headers: list[str], rows: list[list]) -> None:
 
 def results_markdown(results: dict) -> str:
     """The run's tables: per length, per position bucket, sliding window and passkey by depth."""
-    yarn, data = results["eval_yarn"], results["data"]
+    scaling, data = results["eval_scaling"], results["data"]
     parts = [
         f"# {results['label']}\n",
         f"checkpoint `{results['checkpoint']}`: PE `{results['pe']}`"
-        + (f", evaluated with YaRN `{yarn['mode']}`" if yarn else "")
+        + (f", evaluated with length scaling `{scaling['method']}`" + (" (dynamic)" if scaling["dynamic"] else "") if scaling else "")
         + f", training length {results['train_seq_len']}, data `{data['name']}` (fingerprint {data['fingerprint'][:12]}), "
         f"{data['tokens_evaluated']:,} tokens per length, git {results['git_sha'][:12]}, {results['wall_time_s']:.0f} s\n",
         markdown_table(*results_table(results)),

@@ -137,7 +137,7 @@ def commands(run: Run, run_root: str, train_args: list[str], eval_args: list[str
 
     jobs = [(run.name, train), evaluation(f"eval_{run.name}", [])]
     if run.eval_yarn:  # the same RoPE checkpoint, with dynamic YaRN applied at eval time (<run>/eval/step_N/<label>)
-        jobs.append(evaluation(f"eval_{run.name}_yarn", ["yarn.mode=dynamic", f"label={run.name}+yarn"]))
+        jobs.append(evaluation(f"eval_{run.name}_yarn", ["scaling.method=yarn", "scaling.dynamic=true", f"label={run.name}+yarn"]))
     return jobs
 
 

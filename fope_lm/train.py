@@ -217,10 +217,8 @@ class Trainer:
         model = self._build_model()
         self.flops_per_token, self.num_parameters = model.flops_per_token(train.seq_len), model.num_parameters()
         model.to(self.device)
-        if train.compile:
-            # AOTAutograd's on-disk cache off: torch 2.13 crashes on a warm hit for graphs that end in views of an
-            # intermediate (q, k, v at the rotary graph break), i.e. on every rerun or resume (docs/benchmarks.md)
-            torch._functorch.config.enable_autograd_cache = False
+        model.set_activation_checkpointing(train.checkpoint_every)
+        if train.compile:  # one graph per forward for every PE (tests/test_compile.py)
             model.compile()  # in place: the same module, parameters and state-dict keys
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.config.optim))
         if self.checkpointer.deepspeed:
@@ -349,13 +347,17 @@ class Trainer:
                 loss = self.model(micro_inputs, micro_labels, reduction="sum", loss_chunk_size=train.loss_chunk_size).loss
                 accelerator.backward(loss * scale)
                 loss_sum += loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip or float("inf"))
-        grad_norm = None if grad_norm is None else float(grad_norm)
+        norm = accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip or float("inf"))  # None: DeepSpeed's own
 
-        # one tiny all-reduce: the step's loss over all ranks, and whether any rank was asked to stop
+        # one tiny all-reduce (the step's loss over all ranks, and whether any rank was asked to stop), then the step's
+        # one read of the device: loss, stop votes, target count and grad norm together
         stop_flag = torch.tensor(float(self.callbacks.stop_requested()), device=self.device)
-        loss_total, stop_votes = accelerator.reduce(torch.stack((loss_sum, stop_flag)), reduction="sum").tolist()
-        loss = loss_total / global_targets.item()
+        loss_and_votes = accelerator.reduce(torch.stack((loss_sum, stop_flag)), reduction="sum")
+        # DDP / one process: a tensor; DeepSpeed: its engine's norm, a float it has read itself (or None)
+        norm_or_zero = torch.as_tensor(0.0 if norm is None else norm, device=self.device)
+        host = torch.cat((loss_and_votes.double(), global_targets.double()[None], norm_or_zero.double()[None])).tolist()
+        loss_total, stop_votes, targets, norm_value = host
+        loss, grad_norm = loss_total / targets, None if norm is None else norm_value
         # every rank decides alike: the loss is all-reduced and the grad norm is of the all-reduced gradients.
         # (DeepSpeed has stepped already; `on_nonfinite=stop` then exits before anything is saved.)
         skipped = not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)))

@@ -41,7 +41,7 @@ EVAL_LENGTHS = [64, 128, 256, 512, 1024, 2048]  # 0.5x ... 16x the training leng
 # configs/pe/<name>.yaml: the four methods, then the controls for "which of FoPE's ingredients does it?"
 PES = ["nope", "rope", "alibi", "fope", "rope_clip", "fope_nomix", "p_rope"]
 # evaluated besides each run as trained, when rope is run: (label, output dir name, trained run, eval overrides)
-YARN_EVAL = ("rope+yarn(dynamic)", "rope+yarn", "rope", ["yarn.mode=dynamic"])
+YARN_EVAL = ("rope+yarn(dynamic)", "rope+yarn", "rope", ["scaling.method=yarn", "scaling.dynamic=true"])
 
 
 @dataclass

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fope_lm.bench import eval_memory, gpu_suite, pe_overhead, step_vs_hf
+from fope_lm.bench import compile_step, eval_memory, gpu_suite, pe_overhead, step_vs_hf
 from fope_lm.model import build_model
+from fope_lm.position import available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,6 +27,7 @@ def test_gpu_suite_dry_run(tmp_path, capsys):
     for record in configs:
         by_group.setdefault(record["group"], []).append(record)
     assert {group: len(rs) for group, rs in by_group.items()} == {
+        "graphs": len(available()) + len(gpu_suite.DRY.mfu_presets),  # every PE on tiny, and the mfu presets
         "step_vs_hf": 1,
         "pe_overhead": 1,
         "eval_memory": 2,
@@ -37,6 +39,7 @@ def test_gpu_suite_dry_run(tmp_path, capsys):
             assert record["status"] == "skipped" and "not installed" in record["reason"]
         else:
             assert record["status"] == "ok", record
+    assert all((r["result"]["graphs"], r["result"]["breaks"]) == (1, 0) for r in by_group["graphs"]), by_group["graphs"]
     assert by_group["step_vs_hf"][0]["result"]["ratio"] > 0
     assert by_group["pe_overhead"][0]["result"]["ratio_vs_rope"]["rope"] == 1.0
     assert set(by_group["eval_memory"][0]["result"]) == {"rope", "nope", "alibi", "fope"}
@@ -49,7 +52,8 @@ def test_gpu_suite_dry_run(tmp_path, capsys):
     capsys.readouterr()
     gpu_suite.main(["--report", str(tmp_path / "gpu.json")])
     tables = capsys.readouterr().out
-    assert tables.count("| tiny ") == 1 + 1 + 8 and "| 128 " in tables and "flash-attn is not installed" in tables
+    graph_rows = len(available()) + gpu_suite.DRY.mfu_presets.count("tiny")  # the graphs table's tiny rows
+    assert tables.count("| tiny ") == graph_rows + 1 + 1 + 8 and "| 128 " in tables and "flash-attn is not installed" in tables
 
 
 def test_gpu_suite_time_box(tmp_path):
@@ -91,3 +95,14 @@ def test_live_tensor_bytes_counts_new_storage_not_views():
         kept = q * 2
     assert tracker.peak == 256 * 256 * 4  # the scores, freed before `kept` was made
     assert tracker.current == kept.numel() * 4
+
+
+def test_compile_step_reports_graphs_and_activation_memory(tmp_path):
+    """The graph table covers the registry with one graph each, and checkpointing lowers the counted peak (an exact
+    count of tensor storage, the same on every machine: full < every_2 < none)."""
+    results = compile_step.main(
+        ["--preset", "tiny", "--only", "graphs,memory", "--memory-seq-len", "128", "--json", str(tmp_path / "r.json")]
+    )
+    assert all((row["graphs"], row["breaks"]) == (1, 0) for row in results["graphs"].values())
+    ratios = results["memory"]["ratio_to_none"]
+    assert ratios["none"] == 1.0 and ratios["full"] < ratios["every_2"] < 1.0

@@ -19,13 +19,14 @@ from scipy.stats import binomtest
 from fope_lm.checkpoint import load_model, save_model
 from fope_lm.config import WandbMode
 from fope_lm.data import TokenData, ValidationTokens
+from fope_lm.errors import ConfigError
 from fope_lm.eval_config import (
     EvalConfig,
     PasskeyConfig,
     PerplexityConfig,
+    ScalingEvalConfig,
     SlidingWindowConfig,
     WandbConfig,
-    YarnEvalConfig,
 )
 from fope_lm.evaluate import (
     eval_chunks,
@@ -34,10 +35,10 @@ from fope_lm.evaluate import (
     perplexity_by_length,
     position_buckets,
     run_evaluation,
+    scaling_overrides,
     sliding_window_perplexity,
     token_losses,
     validate_results,
-    yarn_overrides,
 )
 from fope_lm.model import build_model
 from fope_lm.passkey import evaluate_passkey
@@ -167,10 +168,10 @@ def test_sliding_window_gives_every_scored_token_its_context():
 def test_yarn_at_scale_one_equals_rope_and_dynamic_changes_only_long_lengths(checkpoint, val_tokens):
     plain = perplexity_by_length(load_model(checkpoint), val_tokens, [128, 512], progress=False)
     trained = load_model(checkpoint).config
-    unit = yarn_overrides(trained, YarnEvalConfig(mode="static", scale=1.0))
-    assert unit["pe"] == "yarn" and unit["pe_options"]["original_max_seq_len"] == TRAIN_LEN
+    unit = scaling_overrides(trained, ScalingEvalConfig(method="yarn", scale=1.0))
+    assert "pe" not in unit and unit["pe_options"]["scaling"] == "yarn" and unit["pe_options"]["original_max_seq_len"] == TRAIN_LEN
     scaled_1 = perplexity_by_length(load_model(checkpoint, **unit), val_tokens, [128, 512], progress=False)
-    dynamic = load_model(checkpoint, **yarn_overrides(trained, YarnEvalConfig(mode="dynamic")))
+    dynamic = load_model(checkpoint, **scaling_overrides(trained, ScalingEvalConfig(method="yarn", dynamic=True)))
     dynamic_results = perplexity_by_length(dynamic, val_tokens, [128, 512], progress=False)
     for length in (128, 512):
         assert scaled_1[length]["loss"] == pytest.approx(plain[length]["loss"], abs=1e-6)
@@ -182,28 +183,52 @@ def test_yarn_at_scale_one_equals_rope_and_dynamic_changes_only_long_lengths(che
 def test_fope_yarn_overrides_keep_the_coefficients(tmp_path):
     model = build_model("tiny", pe="fope", pe_options={"sigma": 0.3}, vocab_size=256, max_seq_len=32)
     save_model(tmp_path, model)
-    overrides = yarn_overrides(model.config, YarnEvalConfig(mode="static", scale=4.0))
+    overrides = scaling_overrides(model.config, ScalingEvalConfig(method="yarn", scale=4.0))
     assert overrides == {
         "pe_options": {
             "sigma": 0.3,  # the checkpoint's own options are kept
+            "scaling": "yarn",
             "scale": 4.0,
             "dynamic": False,
             "original_max_seq_len": 32,
             "attention_factor": None,
             "beta_fast": 32.0,
             "beta_slow": 1.0,
+            "base": None,
         }
     }
     rescaled = load_model(tmp_path, **overrides)
     assert rescaled.config.pe == "fope"
     assert torch.equal(rescaled.blocks[1].attn.pe.cos_coef, model.blocks[1].attn.pe.cos_coef)
-    unit = load_model(tmp_path, **yarn_overrides(model.config, YarnEvalConfig(mode="static", scale=1.0)))
+    unit = load_model(tmp_path, **scaling_overrides(model.config, ScalingEvalConfig(method="yarn", scale=1.0)))
     tokens = torch.randint(0, 256, (256,))
     expected = perplexity_by_length(model, tokens, [64], progress=False)[64]["loss"]
     assert perplexity_by_length(unit, tokens, [64], progress=False)[64]["loss"] == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pe", ["rope_clip", "p_rope", "partial_rope"])
+def test_eval_time_scaling_works_on_every_rotary_checkpoint(pe, tmp_path):
+    """PI, NTK, dynamic NTK and YaRN on checkpoints that are neither rope nor fope: at scale 1 each is the trained
+    encoding (dynamic NTK within L0, where it does not scale yet), at scale 4 the frequencies change; ALiBi refuses."""
+    model = build_model("tiny", pe=pe, vocab_size=256, max_seq_len=32)
+    save_model(tmp_path / pe, model)
+    tokens = torch.randint(0, 256, (512,))
+    plain = perplexity_by_length(model, tokens, [32, 128], progress=False)
+    for method in ("linear", "ntk", "dynamic_ntk", "yarn"):
+        unit = load_model(tmp_path / pe, **scaling_overrides(model.config, ScalingEvalConfig(method=method, scale=1.0)))
+        assert unit.config.pe == pe and unit.blocks[0].attn.pe.scaling.method == method
+        length = 32 if method == "dynamic_ntk" else 128  # dynamic NTK scales beyond L0 whatever its factor
+        assert perplexity_by_length(unit, tokens, [length], progress=False)[length]["loss"] == pytest.approx(
+            plain[length]["loss"], abs=1e-6
+        )
+        scaled = load_model(tmp_path / pe, **scaling_overrides(model.config, ScalingEvalConfig(method=method, scale=4.0)))
+        assert not torch.equal(scaled.blocks[0].attn.pe.inv_freq(128), model.blocks[0].attn.pe.inv_freq(128))
+    save_model(tmp_path / "alibi", build_model("tiny", pe="alibi", vocab_size=256, max_seq_len=32))
+    with pytest.raises(ConfigError, match="rescales rotary encodings; this checkpoint uses 'alibi'"):
+        scaling_overrides(load_model(tmp_path / "alibi").config, ScalingEvalConfig(method="linear"))
+
+
 def test_teacher_forced_passkey_beats_chance_at_the_training_length(checkpoint):
     model = load_model(checkpoint)
     trials = 50
@@ -254,7 +279,7 @@ def eval_config(checkpoint, data_cfg, output_dir, **changes) -> EvalConfig:
 def evaluated(checkpoint, data_cfg, tmp_path_factory) -> tuple[dict, dict]:
     """eval.py's work on the shared checkpoint with dynamic YaRN: (results, output paths)."""
     output_dir = tmp_path_factory.mktemp("eval") / "rope+yarn"
-    return run_evaluation(eval_config(checkpoint, data_cfg, output_dir, yarn=YarnEvalConfig(mode="dynamic")))
+    return run_evaluation(eval_config(checkpoint, data_cfg, output_dir, scaling=ScalingEvalConfig(method="yarn", dynamic=True)))
 
 
 @pytest.mark.slow
@@ -263,8 +288,9 @@ def test_results_files_validate_and_plot_is_written(evaluated, data_cfg):
     written = json.loads(paths["json"].read_text())
     validate_results(written)
     assert written == json.loads(json.dumps(results))
-    assert written["label"] == "rope+yarn(dynamic)" and written["eval_pe"] == "yarn" and written["pe"] == "rope"
-    assert written["train_seq_len"] == TRAIN_LEN and written["eval_yarn"]["mode"] == "dynamic"
+    assert written["label"] == "rope+yarn(dynamic)" and written["eval_pe"] == "rope" and written["pe"] == "rope"
+    assert written["eval_pe_options"]["scaling"] == "yarn" and written["eval_pe_options"]["dynamic"] is True
+    assert written["train_seq_len"] == TRAIN_LEN and written["eval_scaling"]["method"] == "yarn" and written["eval_scaling"]["dynamic"]
     assert written["data"]["tokens_evaluated"] == 2048
     assert written["data"]["fingerprint"] == TokenData(Path(data_cfg["root"]) / data_cfg["name"]).fingerprint
     assert [row["length"] for row in written["perplexity"]] == [64, 128, 256, 512]
@@ -296,9 +322,9 @@ def test_wandb_gets_the_same_numbers(evaluated, tmp_path):
 @pytest.mark.slow
 def test_compare_results_overlays_runs(checkpoint, data_cfg, tmp_path):
     outputs = []
-    for label, yarn in (("rope", YarnEvalConfig()), ("rope+yarn", YarnEvalConfig(mode="dynamic"))):
+    for label, scaling in (("rope", ScalingEvalConfig()), ("rope+yarn", ScalingEvalConfig(method="yarn", dynamic=True))):
         no_passkey = PasskeyConfig(enabled=False)
-        cfg = eval_config(checkpoint, data_cfg, tmp_path / label, label=label, yarn=yarn, passkey=no_passkey)
+        cfg = eval_config(checkpoint, data_cfg, tmp_path / label, label=label, scaling=scaling, passkey=no_passkey)
         cfg.perplexity.sliding_window = SlidingWindowConfig()
         outputs.append(run_evaluation(cfg)[1]["json"])
     result = subprocess.run(

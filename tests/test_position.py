@@ -13,12 +13,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig
-from transformers.modeling_rope_utils import _compute_yarn_parameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, _compute_yarn_parameters
 
 from fope_lm.attention import causal_attention
 from fope_lm.errors import ConfigError
 from fope_lm.model import KVCache, build_model
-from fope_lm.position import available, build_position_encoding
+from fope_lm.position import Positions, available, build_position_encoding
 from fope_lm.position.base import apply_rotary, rope_inv_freq, yarn_frequencies
 from fope_lm.position.fope import kept_frequencies, step_eye
 
@@ -144,13 +144,12 @@ def test_fope_pad_value_option():
     assert torch.count_nonzero(y[..., 16:32]) == 0 and torch.count_nonzero(y[..., 48:]) == 0
 
 
-def test_fope_learnable_coefficients_get_gradients_and_skip_the_cache():
+def test_fope_learnable_coefficients_get_gradients():
     pe = build_position_encoding("fope", head_dim=32, n_heads=2, max_seq_len=64, learnable=True)
     assert {name for name, _ in pe.named_parameters()} == {"cos_coef", "sin_coef"}
     x = torch.randn(1, 2, 40, 32)
     pe.rotate(x, torch.arange(40)).square().sum().backward()
     assert pe.cos_coef.grad.abs().sum() > 0 and pe.sin_coef.grad.abs().sum() > 0
-    assert pe._cache is None
 
 
 def test_fope_transfer_state_copies_corner_and_warns_on_zero_filled_slots():
@@ -201,6 +200,61 @@ def test_yarn_matches_transformers(head_dim, L0, scale):
     cos, sin = pe.cos_sin(torch.arange(3 * L0), device=torch.device("cpu"), dtype=torch.float32)
     angles = torch.outer(torch.arange(3 * L0, dtype=torch.float32), ref_freq.float())
     torch.testing.assert_close(cos[0], angles.cos(), rtol=1e-5, atol=1e-5)
+
+
+def hf_rope(rope_type: str, head_dim: int, L0: int, scale: float, seq_len: int | None = None, theta: float = 10000.0):
+    """transformers' inverse frequencies and attention factor for a rope type, on a LlamaConfig."""
+    params = {"rope_type": rope_type, "factor": scale, "rope_theta": theta}
+    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=L0, rope_parameters=params)
+    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=seq_len)
+
+
+@pytest.mark.parametrize("head_dim,L0,scale", [(64, 512, 2.0), (64, 512, 16.0), (128, 1024, 4.0), (32, 128, 8.0)])
+def test_linear_and_dynamic_ntk_match_transformers(head_dim, L0, scale):
+    linear = build_position_encoding("rope", head_dim=head_dim, n_heads=4, max_seq_len=L0, scaling="linear", scale=scale)
+    ref_freq, ref_factor = hf_rope("linear", head_dim, L0, scale)
+    torch.testing.assert_close(linear.inv_freq(), ref_freq.float(), rtol=1e-6, atol=0)
+    assert linear.attention_factor() == ref_factor == 1.0
+    dynamic = build_position_encoding("rope", head_dim=head_dim, n_heads=4, max_seq_len=L0, scaling="dynamic_ntk", scale=scale)
+    for seq_len in (L0 // 2, L0, 3 * L0, 16 * L0):  # transformers takes max(seq_len, L0), as we do
+        ref_freq, _ = hf_rope("dynamic", head_dim, L0, scale, seq_len=seq_len)
+        torch.testing.assert_close(dynamic.inv_freq(seq_len), ref_freq.float(), rtol=1e-5, atol=0)
+    ntk = build_position_encoding("rope", head_dim=head_dim, n_heads=4, max_seq_len=L0, scaling="ntk", scale=scale)
+    torch.testing.assert_close(ntk.inv_freq(), rope_inv_freq(head_dim, 10000.0 * scale ** (head_dim / (head_dim - 2))))
+    abf = build_position_encoding("rope", head_dim=head_dim, n_heads=4, max_seq_len=L0, scaling="abf", base=500000.0)
+    torch.testing.assert_close(abf.inv_freq(), rope_inv_freq(head_dim, 500000.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["rope_clip", "p_rope", "partial_rope", "fope"])
+def test_every_rotary_encoding_takes_every_scaling(name):
+    """The scaling acts on the encoding's own frequencies: the clipped / dropped pairs stay at zero, partial RoPE
+    scales its rot_dim frequencies, FoPE its K kept ones."""
+    plain = build_position_encoding(name, head_dim=64, n_heads=2, max_seq_len=128)
+    own = plain.inv_freq()
+    for method, options in (("linear", {"scale": 4.0}), ("yarn", {"scale": 4.0}), ("ntk", {"scale": 4.0}), ("abf", {"base": 1e6})):
+        scaled = build_position_encoding(name, head_dim=64, n_heads=2, max_seq_len=128, scaling=method, **options)
+        freqs = scaled.inv_freq()
+        assert freqs.shape == own.shape and torch.equal(freqs == 0, own == 0), method
+        assert (freqs <= own).all() and (freqs < own).any(), method  # every method lowers frequencies
+    x = torch.randn(1, 2, 256, 64)
+    scaled = build_position_encoding(name, head_dim=64, n_heads=2, max_seq_len=128, scaling="linear", scale=4.0)
+    if name == "fope":
+        scaled.load_state_dict(plain.state_dict())
+    # position interpolation is RoPE at positions / s: rotating at 4t under PI equals rotating at t unscaled
+    torch.testing.assert_close(scaled.rotate(x, torch.arange(256) * 4), plain.rotate(x, torch.arange(256)), rtol=1e-4, atol=1e-4)
+
+
+def test_scaling_options_are_checked():
+    for options, words in (
+        ({"scaling": "rotate"}, "is not one of"),
+        ({"scaling": "linear", "dynamic": True}, "dynamic=true is YaRN's"),
+        ({"scaling": "abf"}, "takes the new base"),
+        ({"scaling": "linear", "scale": 0.5}, "scale must be >= 1"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            build_position_encoding("rope", head_dim=64, n_heads=2, max_seq_len=128, **options)
+    assert build_position_encoding("rope", head_dim=64, n_heads=2, max_seq_len=128, scale=4.0).scaling.method == "yarn"  # the default
+    assert build_position_encoding("fope", head_dim=64, n_heads=2, max_seq_len=128).scaling.method == "none"
 
 
 def test_yarn_dynamic_scale_per_length():
@@ -278,15 +332,20 @@ def test_bf16_tables_use_float32_angles():
     assert (half.float() - exact).abs().max() < 0.05
 
 
-def test_tables_are_cached_and_grow():
-    pe = build_position_encoding("rope", head_dim=32, n_heads=1, max_seq_len=64)
-    x = torch.randn(1, 1, 64, 32)
-    pe.rotate(x, torch.arange(64))
-    first = pe._cache[2]
-    pe.rotate(x, torch.arange(64))
-    assert pe._cache[2] is first  # reused, not rebuilt
-    pe.rotate(torch.randn(1, 1, 300, 32), torch.arange(300))
-    assert pe._cache[1] >= 300
+def test_tables_are_a_function_of_the_positions():
+    """No table state: a KV step's table (positions 200..299 given as a range) is the slice of the full one, and a
+    per-token (B, T) table gathers the same rows for each sequence."""
+    for name in ("rope", "fope", "partial_rope"):
+        pe = build_position_encoding(name, head_dim=32, n_heads=2, max_seq_len=64)
+        full = pe.cos_sin(torch.arange(300), device=torch.device("cpu"), dtype=torch.float32)
+        step = pe.cos_sin(Positions(200, 100), device=torch.device("cpu"), dtype=torch.float32)
+        per_token = torch.stack((torch.arange(200, 300), torch.arange(100).flip(0)))
+        gathered = pe.cos_sin(per_token, device=torch.device("cpu"), dtype=torch.float32)
+        for table, step_table, gathered_table in zip(full, step, gathered, strict=True):
+            torch.testing.assert_close(step_table, table[..., 200:, :], rtol=0, atol=0)
+            torch.testing.assert_close(gathered_table[0], table[..., 200:, :], rtol=0, atol=0)
+            torch.testing.assert_close(gathered_table[1], table[..., :100, :].flip(-2), rtol=0, atol=0)
+        assert not list(pe.buffers()) or name == "fope"  # only FoPE's coefficients are state
 
 
 def test_registry_errors_name_the_problem():

@@ -70,7 +70,7 @@ def test_sweep_dry_run_prints_the_paper_grid_with_dependencies():
     continuation = next(line for line in train if "+experiment=c4_180m_L1024_rope_to_yarn" in line)
     assert "--dependency=afterok:$C4_180M_L512_ROPE' " in continuation
     yarn_eval = next(line for line in evals if "eval_c4_1b_L512_rope_yarn" in line)
-    assert "yarn.mode=dynamic" in yarn_eval
+    assert "scaling.method=yarn scaling.dynamic=true" in yarn_eval
     extrapolation = next(line for line in evals if "checkpoint=/shared/runs/c4_60m_L1024_fope_to_fope " in line)
     assert "32768" in extrapolation
 
@@ -103,7 +103,12 @@ def test_experiment_composes_and_builds_on_meta(name):
     assert model.config.padded_vocab_size == 50304
     if "yarn" in name:
         pe = model.blocks[0].attn.pe
-        assert (pe.yarn.scale, pe.yarn.original_max_seq_len, pe.yarn.attention_factor) == (16.0, 512, 1.0)
+        assert (pe.scaling.method, pe.scaling.scale, pe.scaling.original_max_seq_len, pe.scaling.attention_factor) == (
+            "yarn",
+            16.0,
+            512,
+            1.0,
+        )
 
 
 # --- train.sbatch under stand-ins for SLURM ----------------------------------------------------------------

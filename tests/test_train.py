@@ -79,6 +79,14 @@ def test_interrupted_run_resumes_bitwise(reference, data_root, runs):
         plan(compose_config([f"run_root={runs}", f"data.root={data_root}", *args]))
 
 
+def test_activation_checkpointing_trains_the_same_run(reference, data_root, runs):
+    """train.activation_checkpointing=full recomputes every block in backward: the same 12 steps, bit for bit."""
+    args = [*TINY, "+pe=fope", "run_name=ref-ac", "train.max_steps=12", "train.save_interval=4", "train.activation_checkpointing=full"]
+    launch(args, data_root=data_root, runs=runs)
+    assert trajectory(runs / "ref-ac") == trajectory(reference)
+    assert_same_weights(runs / "ref-ac/checkpoints/step_000012", reference / "checkpoints/step_000012")
+
+
 def test_resume_refuses_a_different_model_or_data(reference, plan_with, tmp_path):
     checkpoint = reference / "checkpoints" / "step_000012"
     with pytest.raises(CheckpointError, match=r"pe 'fope' -> 'rope'.*init_from="):
@@ -262,6 +270,10 @@ def test_ddp_two_processes_train_and_resume_bitwise(data_root, runs):
     assert trajectory(runs / "ddp-chain") == trajectory(runs / "ddp")
     assert_same_weights(runs / "ddp-chain/checkpoints/step_000024", runs / "ddp/checkpoints/step_000024")
 
+    # activation checkpointing (every other block) under DDP: the same losses
+    launch([*DIST, "run_name=ddp-ac", "train.activation_checkpointing=every_2"], data_root=data_root, runs=runs, processes=2)
+    assert trajectory(runs / "ddp-ac") == trajectory(runs / "ddp")
+
 
 def test_deepspeed_zero2_and_zero3_two_processes(data_root, runs):
     # deterministic=false: torch's deterministic mode makes DeepSpeed's CPU all-reduce ~20x slower; CPU steps are
@@ -282,6 +294,12 @@ def test_deepspeed_zero2_and_zero3_two_processes(data_root, runs):
     assert resumed == trajectory(run_dir)[8:]
     assert_same_weights(runs / "zero2-resumed/checkpoints/step_000016", run_dir / "checkpoints/step_000016")
 
+    # activation checkpointing under ZeRO-2: the losses of the run without it
+    ac = [*args, "run_name=zero2-ac", "train.activation_checkpointing=full"]
+    launch(ac, data_root=data_root, runs=runs, processes=2, deepspeed="zero2")
+    for (step, loss, *_), (_, loss_ac, *_) in zip(trajectory(run_dir), trajectory(runs / "zero2-ac"), strict=True):
+        assert loss_ac == pytest.approx(loss, rel=1e-6), step
+
     # ZeRO-3 partitions the parameters too (FoPE's coefficients are buffers, replicated): the same run gives the same
     # numbers up to the order of reductions, and the saved weights are gathered whole
     launch([*args, "run_name=zero3", "wandb.mode=offline"], data_root=data_root, runs=runs, processes=2, deepspeed="zero3", digests=True)
@@ -297,6 +315,7 @@ def test_deepspeed_zero2_and_zero3_two_processes(data_root, runs):
 
 
 def test_compiled_training_follows_eager(data_root, runs, tmp_path, monkeypatch):
+    """train.compile=true: the model compiles whole (inductor, C++ kernels on this CPU) and follows the eager run."""
     kernels = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(kernels))  # launch() passes the environment on
     trajectories = {}
@@ -315,3 +334,7 @@ def test_compiled_training_follows_eager(data_root, runs, tmp_path, monkeypatch)
     assert len(val_losses) == 2 and max(abs(e - c) for e, c in val_losses) < 1e-4, val_losses
     # it trains: from ~ln(8192) = 9.0 down by more than a nat (measured eager: 1.74 .. 2.36 over seeds 0-2)
     assert compiled[-1][1] < compiled[0][1] - 1.0
+    # a second process compiles from the warm caches (inductor's and AOTAutograd's): the same run, bit for bit
+    args = [*TINY, "+pe=fope", f"train.max_steps={COMPILE_STEPS}", "train.eval_interval=12", "train.compile=true"]
+    launch([*args, "run_name=compile-warm"], data_root=data_root, runs=runs)
+    assert trajectory(runs / "compile-warm") == compiled

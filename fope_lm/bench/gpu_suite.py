@@ -33,7 +33,6 @@ capture without code generation (backend "eager"), so that a test keeps it from 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import json
@@ -50,10 +49,12 @@ import transformers
 import fope_lm.attention
 from fope_lm.bench import eval_memory, pe_overhead, step_vs_hf
 from fope_lm.bench.common import make_train_step, print_table, time_interleaved
+from fope_lm.bench.graphs import graph_breaks
 from fope_lm.metrics import peak_flops
 from fope_lm.model import build_model
+from fope_lm.position import available
 
-GROUPS = ("step_vs_hf", "pe_overhead", "eval_memory", "mfu")
+GROUPS = ("graphs", "step_vs_hf", "pe_overhead", "eval_memory", "mfu")
 
 
 @dataclass
@@ -166,18 +167,6 @@ class Suite:
         )
 
 
-@contextlib.contextmanager
-def attention_kernel(kind: str):
-    """Force fope_lm.attention onto PyTorch SDPA ("sdpa"), or leave flash-attn on where installed ("flash")."""
-    chooser = fope_lm.attention.flash_attn_func
-    if kind == "sdpa":
-        fope_lm.attention.flash_attn_func = lambda: None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        fope_lm.attention.flash_attn_func = chooser
-
-
 def mfu_step(preset: str, seq_len: int, *, pe: str, compile: bool, kernel: str, sizes: Sizes, device: torch.device) -> dict:
     """Tokens/s and MFU of our model's train step; with compile, the first (compiling) step is timed apart."""
     torch.manual_seed(0)
@@ -186,15 +175,15 @@ def mfu_step(preset: str, seq_len: int, *, pe: str, compile: bool, kernel: str, 
         torch.cuda.reset_peak_memory_stats(device)
     with device:  # initialised where it runs: a 1b model's init on the CPU takes longer than its benchmark
         model = build_model(preset, pe=pe, vocab_size=sizes.vocab, max_seq_len=seq_len).train()
+    model.use_flash_attention(kernel == "flash")
     if compile:
         torch._dynamo.reset()  # each configuration compiles its own static-shape graphs, as a training run does
         model.compile(backend=sizes.compile_backend)
     ids = torch.randint(0, sizes.vocab, (batch, seq_len + 1), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = make_train_step(model, lambda m: m(ids[:, :-1], ids[:, 1:]).loss, optimizer, device, sizes.dtype)
-    with attention_kernel(kernel):
-        first_step = step()
-        seconds = time_interleaved({"step": step}, sizes.warmup, sizes.steps)["step"]
+    first_step = step()
+    seconds = time_interleaved({"step": step}, sizes.warmup, sizes.steps)["step"]
     tokens_per_s = batch * seq_len / seconds
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     flops = model.flops_per_token(seq_len)
@@ -207,6 +196,14 @@ def mfu_step(preset: str, seq_len: int, *, pe: str, compile: bool, kernel: str, 
         "mfu": tokens_per_s * flops / peak if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+
+
+def forward_graphs(preset: str, pe: str, sizes: Sizes, device: torch.device) -> dict:
+    """Graphs and breaks of one training forward (dynamo only: no code generation)."""
+    with device:
+        model = build_model(preset, pe=pe, vocab_size=sizes.vocab, max_seq_len=sizes.train_lens[0])
+    ids = torch.randint(0, sizes.vocab, (1, sizes.train_lens[0] + 1), device=device)
+    return graph_breaks(model, ids[:, :-1], ids[:, 1:])
 
 
 def eval_length(length: int, models: dict, ids: torch.Tensor, sizes: Sizes, device: torch.device) -> dict:
@@ -224,6 +221,7 @@ def report(path: str) -> None:
     ms = lambda seconds: f"{seconds * 1e3:.1f}"  # noqa: E731
     pes = ("rope", "nope", "alibi", "fope")
     tables = {  # group: (key columns, value columns, value cells of a result)
+        "graphs": (["preset", "pe"], ["graphs", "breaks"], lambda r: [r["graphs"], r["breaks"]]),
         "step_vs_hf": (
             ["preset"],
             ["fope_lm ms/step", "hf Olmo ms/step", "ours / hf"],
@@ -269,9 +267,6 @@ def main(argv=None) -> None:
         sys.exit("no CUDA device: run on a GPU machine, or pass --dry-run")
     device = torch.device(sizes.device)
     groups = set(args.only.split(","))
-    # AOTAutograd's on-disk cache off: torch 2.13 crashes on a warm hit for graphs that end in views of an
-    # intermediate (q, k, v at the rotary graph break), as a rerun of this suite would find them
-    torch._functorch.config.enable_autograd_cache = False
     with open(args.out, "w") as out:
         run_groups(Suite(out, args.budget), groups, sizes, device, args.mfu_pe)
     print(f"wrote {args.out}")
@@ -299,6 +294,10 @@ def run_groups(suite: Suite, groups: set[str], sizes: Sizes, device: torch.devic
     common: dict[str, Any] = dict(device=device, dtype=sizes.dtype, vocab=sizes.vocab)
     long_len = sizes.train_lens[-1]
     batch = sizes.tokens_per_step // long_len
+
+    if "graphs" in groups:  # what torch.compile sees of each training forward: one graph, no breaks, for every PE
+        for preset, pe in [("tiny", pe) for pe in available()] + [(preset, mfu_pe) for preset in sizes.mfu_presets]:
+            suite.run("graphs", {"preset": preset, "pe": pe}, functools.partial(forward_graphs, preset, pe, sizes, device), budget=60)
 
     if "step_vs_hf" in groups:
         for preset in sizes.hf_presets:

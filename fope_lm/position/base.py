@@ -3,15 +3,51 @@
 One instance lives in each attention layer. The model calls only two things:
   - `rotate_qk(q, k, positions)`: position-dependent transform of queries and keys (identity by default);
   - `attention_bias(q_positions, k_positions)`: an additive (heads, Tq, Tk) float32 logit bias, or None.
-Positions are absolute token indices (int64, shape (T,)), so a KV-cache offset is just a shifted range.
+
+Nothing here needs a tensor's value on the host, so a forward traces into one graph (docs/ARCHITECTURE.md):
+`Positions` describes the common case, a contiguous range, by Python ints (start, length), and per-token positions
+(e.g. restarting at each document of a packed row) as a (B, T) tensor. Rotary tables are computed from the
+positions in every forward (a few elementwise ops, fused by the compiler), so there is no cache to invalidate.
+Queries may have more heads than keys (grouped-query attention): a table with one row per key/value head is
+repeated for the queries of each group.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Positions:
+    """The absolute positions of the T tokens of a forward: start .. start + length - 1, Python ints (training,
+    eval, and a KV-cache step whose start is the cache length), or `per_token` positions (B, T) int64 on the
+    activations' device, which replace the range (a packed row's per-document positions)."""
+
+    start: int
+    length: int
+    per_token: torch.Tensor | None = None
+
+    @property
+    def end(self) -> int:
+        """One past the last position of the range: the length dynamic scaling (YaRN, dynamic NTK) scales for."""
+        return self.start + self.length
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        """The positions as int64, (T,) for a range or (B, T) per token."""
+        if self.per_token is not None:
+            return self.per_token
+        return torch.arange(self.start, self.end, device=device)
+
+    @classmethod
+    def of(cls, positions: Positions | torch.Tensor) -> Positions:
+        """A Positions for a Positions or a tensor of positions (T,) or (B, T) (taken per token, as given)."""
+        if isinstance(positions, Positions):
+            return positions
+        return cls(0, positions.shape[-1], per_token=positions)
 
 
 class PositionEncoding(nn.Module):
@@ -30,8 +66,10 @@ class PositionEncoding(nn.Module):
 
     # --- what the attention layer asks for ---------------------------------------------------------
     def rotate_qk(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, dynamic_len: int | None = None
+        self, q: torch.Tensor, k: torch.Tensor, positions: Positions | torch.Tensor, dynamic_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, T, Dh) and k (B, H_kv, T, Dh) at `positions`; dynamic_len: the length dynamic scaling scales for
+        (default: the positions' end)."""
         return q, k
 
     def attention_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
@@ -72,102 +110,132 @@ class PositionEncoding(nn.Module):
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """RoPE's frequencies w_i = theta^(-2i/d), i = 0..d/2-1, highest first, in float32 (as OLMo computes them).
 
-    On the CPU by default, explicitly: models built under `torch.device("meta")` still get real frequencies."""
+    On the CPU by default, explicitly: models built under `torch.device("meta")` still get real frequencies; the
+    model's forward asks for them on the activations' device."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
     return 1.0 / (theta**exponents)
+
+
+def keep_prefix(freqs: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """The first n_kept frequencies, and zero (a position-free pair: cos 1, sin 0) for the others."""
+    return torch.cat((freqs[:n_kept], freqs.new_zeros(freqs.numel() - n_kept)))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x' = x * concat(cos, cos) + rot(x) * concat(sin, sin), half-split layout, rot(x) = concat(-x2, x1).
 
-    x: (B, H, T, D); cos, sin: (H or 1, T, D/2), already in x's dtype.
+    x: (B, H, T, D); cos, sin: (H or 1, T, D/2), or (B, H or 1, T, D/2), already in x's dtype.
     """
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def as_range(positions: torch.Tensor) -> tuple[int, int] | None:
-    """(start, stop) if positions is a contiguous increasing CPU range, so tables can be sliced, not gathered."""
-    if positions.device.type != "cpu" or positions.numel() == 0:
-        return None
-    start = int(positions[0])
-    stop = start + positions.numel()
-    if int(positions[-1]) != stop - 1 or not torch.equal(positions, torch.arange(start, stop)):
-        return None
-    return start, stop
-
-
 class RotaryEncoding(PositionEncoding):
-    """Shared cos/sin-table machinery. Subclasses define `build_table` (float32 math) and `table_key`.
+    """The rotary machinery every rotary encoding shares: its frequencies, length scaling, tables and rotation.
 
-    The table is built once per (length, device, dtype, key) and reused across steps, so any rotary method
-    costs the same elementwise work per forward. Positions beyond the cached length grow the table.
+    A subclass states its unscaled frequencies (`unscaled_frequencies`: RoPE's at a base, clipped, a prefix, ...) and,
+    if its table is not RoPE's cos/sin of the angles, `tables` (FoPE mixes them). Every rotary encoding takes the
+    length-scaling options (`RotaryScaling`): YaRN (static or dynamic), position interpolation, NTK-aware and
+    dynamic-NTK base scaling, and ABF (a new base), so eval-time scaling works on any rotary checkpoint.
     """
 
-    def __init__(self, **kwargs):
+    rotary_dim: int  # the channels of each head that rotate (head_dim; partial_rope: its prefix)
+
+    def __init__(
+        self,
+        *,
+        scaling: str | None = None,
+        scale: float = 1.0,
+        original_max_seq_len: int | None = None,
+        dynamic: bool = False,
+        attention_factor: float | None = None,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+        base: float | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self._cache: tuple | None = None  # (key, length, cos, sin); deliberately not a buffer
+        self.rotary_dim = self.head_dim
+        self.scaling = RotaryScaling(
+            method=scaling,
+            scale=scale,
+            original_max_seq_len=original_max_seq_len or self.max_seq_len,
+            dynamic=dynamic,
+            attention_factor=attention_factor,
+            beta_fast=beta_fast,
+            beta_slow=beta_slow,
+            base=base,
+        )
 
-    def build_table(self, positions: torch.Tensor, dynamic_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (H or 1, T, head_dim/2) in float32 for float32 `positions` (T,)."""
-        raise NotImplementedError
+    # --- frequencies -----------------------------------------------------------------------------------
+    def unscaled_frequencies(self, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This encoding's frequencies (float32, highest first) with RoPE's at base `theta` as the raw material."""
+        return rope_inv_freq(self.rotary_dim, theta, device)
 
-    def table_key(self, dynamic_len: int | None) -> tuple | None:
-        """Everything besides length/device/dtype that the table depends on; None disables caching."""
-        return ()
+    def frequencies(self, dynamic_len: int | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+        """The frequencies q and k rotate by, after length scaling, and the factor the tables are multiplied by."""
+        scaling = self.scaling
+        theta = scaling.base_for(self.theta, self.rotary_dim, dynamic_len)
+        return scaling.rescale(self.unscaled_frequencies(theta, device), dim=self.rotary_dim, theta=self.theta, dynamic_len=dynamic_len)
+
+    def inv_freq(self, dynamic_len: int | None = None) -> torch.Tensor:
+        return self.frequencies(dynamic_len)[0]
+
+    def attention_factor(self, dynamic_len: int | None = None) -> float:
+        return self.frequencies(dynamic_len)[1]
+
+    def rotary_frequencies(self, dynamic_len=None):
+        freqs = self.inv_freq(dynamic_len)
+        return freqs[freqs > 0]  # zero-frequency pairs (cos 1, sin 0) carry no position
+
+    # --- tables and rotation ---------------------------------------------------------------------------
+    def tables(self, positions: torch.Tensor, dynamic_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin in float32 for float32 positions (T,) or (B, T): (1 or H_kv, T, rotary_dim/2), with a leading B
+        for per-token positions."""
+        freqs, factor = self.frequencies(dynamic_len, positions.device)
+        angles = positions[..., None] * freqs  # (..., T, P)
+        return (angles.cos() * factor).unsqueeze(-3), (angles.sin() * factor).unsqueeze(-3)
 
     def cos_sin(
-        self, positions: torch.Tensor, *, device: torch.device, dtype: torch.dtype, dynamic_len: int | None = None
+        self, positions: Positions | torch.Tensor, *, device: torch.device, dtype: torch.dtype, dynamic_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (H or 1, T, head_dim/2) cos/sin for `positions`, in `dtype` on `device`."""
-        needed = int(positions.max()) + 1
-        dynamic_len = needed if dynamic_len is None else dynamic_len  # dynamic YaRN's T
-        key = self.table_key(dynamic_len)
-        if key is None:  # learnable tables: recompute with autograd every call
-            cos, sin = self._compute(needed, device, dynamic_len)
-            cos, sin = cos.to(dtype), sin.to(dtype)
-        else:
-            full_key = (key, device, dtype)
-            if self._cache is None or self._cache[0] != full_key or self._cache[1] < needed:
-                length = max(needed, self.max_seq_len)
-                length = 1 << (length - 1).bit_length()  # grow by powers of two: few rebuilds at eval
-                cos, sin = self._compute(length, device, dynamic_len)
-                self._cache = (full_key, length, cos.to(dtype), sin.to(dtype))
-            _, _, cos, sin = self._cache
-        span = as_range(positions)
-        if span is not None:
-            return cos[..., span[0] : span[1], :], sin[..., span[0] : span[1], :]
-        index = positions.to(device)
-        return cos.index_select(-2, index), sin.index_select(-2, index)
+        """The tables for `positions` in `dtype` on `device` (built in float32 with autocast off)."""
+        positions = Positions.of(positions)
+        dynamic_len = positions.end if dynamic_len is None else dynamic_len
+        with torch.autocast(device_type=torch.device(device).type, enabled=False):
+            cos, sin = self.tables(positions.tensor(torch.device(device)).to(device=device, dtype=torch.float32), dynamic_len)
+        return cos.to(dtype), sin.to(dtype)
 
-    def _compute(self, length: int, device: torch.device, dynamic_len: int | None):
-        with torch.autocast(device_type=device.type, enabled=False):
-            return self.build_table(torch.arange(length, dtype=torch.float32, device=device), dynamic_len)
-
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor, dynamic_len: int | None = None) -> torch.Tensor:
-        """Rotate x (B, H, T, head_dim) at absolute int positions (T,)."""
+    def rotate(self, x: torch.Tensor, positions: Positions | torch.Tensor, dynamic_len: int | None = None) -> torch.Tensor:
+        """Rotate x (B, heads, T, head_dim) at `positions`."""
         cos, sin = self.cos_sin(positions, device=x.device, dtype=x.dtype, dynamic_len=dynamic_len)
-        return self.apply_table(x, cos, sin)
+        return self.apply_table(x, *_for_heads(cos, sin, x.shape[-3]))
 
     def rotate_qk(self, q, k, positions, dynamic_len=None):
         cos, sin = self.cos_sin(positions, device=q.device, dtype=q.dtype, dynamic_len=dynamic_len)
-        return self.apply_table(q, cos, sin), self.apply_table(k, cos, sin)
+        return self.apply_table(q, *_for_heads(cos, sin, q.shape[-3])), self.apply_table(k, *_for_heads(cos, sin, k.shape[-3]))
 
     def apply_table(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x rotated by a cos/sin table of this encoding; a subclass may rotate only part of x."""
         return apply_rotary(x, cos, sin)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None  # loaded state may change the table (FoPE coefficients)
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cache = None  # .to()/.cuda()/.half() move or recast the state the table was built from
-        return super()._apply(fn, *args, **kwargs)
+    def extra_repr(self) -> str:
+        return self.scaling.describe() if self.scaling.active else ""
 
 
-# --- YaRN frequency math, shared by `yarn` and FoPE+YaRN ----------------------------------------------
-def yarn_ramp(head_dim: int, theta: float, original_max_seq_len: int, beta_fast: float, beta_slow: float):
+def _for_heads(cos: torch.Tensor, sin: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables with one row per key/value head, repeated for the query heads of each group (a shared row broadcasts)."""
+    rows = cos.shape[-3]
+    if rows in (1, n_heads):
+        return cos, sin
+    return cos.repeat_interleave(n_heads // rows, dim=-3), sin.repeat_interleave(n_heads // rows, dim=-3)
+
+
+# --- length scaling, an option of every rotary encoding ------------------------------------------------------
+SCALING_METHODS = ("none", "yarn", "linear", "ntk", "dynamic_ntk", "abf")
+
+
+def yarn_ramp(head_dim: int, theta: float, original_max_seq_len: int, beta_fast: float, beta_slow: float, device="cpu"):
     """ramp_i in [0, 1] for i < head_dim/2: 0 keeps w_i (high frequencies), 1 fully interpolates w_i / s."""
 
     def correction_dim(n_rotations: float) -> float:
@@ -177,14 +245,13 @@ def yarn_ramp(head_dim: int, theta: float, original_max_seq_len: int, beta_fast:
     high: float = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
     if high == low:
         high += 0.001  # avoid division by zero, as the reference does
-    ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)
+    ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
     return ramp.clamp(0.0, 1.0)
 
 
 def yarn_frequencies(inv_freq, *, head_dim, theta, scale, original_max_seq_len, beta_fast=32.0, beta_slow=1.0):
     """NTK-by-parts: w'_i = (w_i / s) * ramp_i + w_i * (1 - ramp_i), for the first len(inv_freq) pairs."""
-    ramp = yarn_ramp(head_dim, theta, original_max_seq_len, beta_fast, beta_slow)[: inv_freq.numel()]
-    ramp = ramp.to(inv_freq.device)
+    ramp = yarn_ramp(head_dim, theta, original_max_seq_len, beta_fast, beta_slow, inv_freq.device)[: inv_freq.numel()]
     return (inv_freq / scale) * ramp + inv_freq * (1 - ramp)
 
 
@@ -195,43 +262,73 @@ def yarn_attention_factor(scale: float, attention_factor: float | None) -> float
     return 1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0
 
 
-class YarnScaling:
-    """YaRN options and the effective scale for a length (static, or dynamic s = max(1, T / L0))."""
+class RotaryScaling:
+    """How a rotary encoding reaches beyond its training length L0, for a scale s (`method`):
 
-    def __init__(self, *, scale, original_max_seq_len, dynamic, attention_factor, beta_fast, beta_slow):
+      yarn         NTK-by-parts interpolation of the frequencies and an attention temperature (Peng et al. 2023);
+                   `dynamic`: s = max(1, T / L0) for the evaluated length T
+      linear       position interpolation: w / s (Chen et al. 2023)
+      ntk          NTK-aware base scaling: theta' = theta s^(d/(d-2))
+      dynamic_ntk  transformers' "dynamic": theta' = theta ((s T / L0) - (s - 1))^(d/(d-2)), T = max(T, L0)
+      abf          adjusted base frequency: theta' = `base` (Xiong et al. 2023)
+      none         the encoding as trained
+    method null (the default) means yarn whenever scale > 1 or dynamic (the official FoPE+YaRN), else none.
+    """
+
+    def __init__(self, *, method, scale, original_max_seq_len, dynamic, attention_factor, beta_fast, beta_slow, base):
+        if method is None:
+            method = "yarn" if dynamic or scale > 1 else "none"
+        if method not in SCALING_METHODS:
+            raise ValueError(f"scaling={method!r} is not one of {', '.join(SCALING_METHODS)}")
         if scale < 1:
-            raise ValueError(f"YaRN scale must be >= 1, got {scale}")
-        self.scale = float(scale)
-        self.original_max_seq_len = int(original_max_seq_len)
-        self.dynamic = bool(dynamic)
-        self.attention_factor = attention_factor
-        self.beta_fast = float(beta_fast)
-        self.beta_slow = float(beta_slow)
-
-    def effective_scale(self, dynamic_len: int | None) -> float:
-        if not self.dynamic:
-            return self.scale
-        return max(1.0, (dynamic_len or 0) / self.original_max_seq_len)
+            raise ValueError(f"scale must be >= 1, got {scale}")
+        if dynamic and method != "yarn":
+            raise ValueError(f"dynamic=true is YaRN's (scaling=yarn); scaling={method} is static, or use scaling=dynamic_ntk")
+        if (method == "abf") != (base is not None):
+            raise ValueError("scaling=abf takes the new base as `base` (e.g. base=500000), and only it does")
+        self.method, self.scale, self.original_max_seq_len = method, float(scale), int(original_max_seq_len)
+        self.dynamic, self.attention_factor = bool(dynamic), attention_factor
+        self.beta_fast, self.beta_slow, self.base = float(beta_fast), float(beta_slow), base
 
     @property
     def active(self) -> bool:
-        return self.dynamic or self.scale > 1
+        return self.method != "none"
 
-    def apply(self, inv_freq: torch.Tensor, head_dim: int, theta: float, scale: float) -> tuple[torch.Tensor, float]:
-        """(rescaled frequencies, attention factor) at effective scale `scale`."""
+    def effective_scale(self, dynamic_len: int | None) -> float:
+        if self.method == "yarn" and self.dynamic:
+            return max(1.0, (dynamic_len or 0) / self.original_max_seq_len)
+        return self.scale
+
+    def base_for(self, theta: float, dim: int, dynamic_len: int | None) -> float:
+        """The RoPE base the frequencies are computed at."""
+        if self.method == "ntk":
+            return theta * self.scale ** (dim / (dim - 2))
+        if self.method == "dynamic_ntk":
+            length = max(dynamic_len or 0, self.original_max_seq_len)
+            return theta * ((self.scale * length / self.original_max_seq_len) - (self.scale - 1)) ** (dim / (dim - 2))
+        if self.method == "abf":
+            return float(self.base)
+        return theta
+
+    def rescale(self, freqs: torch.Tensor, *, dim: int, theta: float, dynamic_len: int | None) -> tuple[torch.Tensor, float]:
+        """(frequencies after interpolation, table factor)."""
+        if self.method == "linear":
+            return freqs / self.scale, 1.0
+        if self.method != "yarn":
+            return freqs, 1.0
+        scale = self.effective_scale(dynamic_len)
         if scale <= 1 and self.attention_factor is None:
-            return inv_freq, 1.0
-        freqs = yarn_frequencies(
-            inv_freq,
-            head_dim=head_dim,
-            theta=theta,
-            scale=scale,
-            original_max_seq_len=self.original_max_seq_len,
-            beta_fast=self.beta_fast,
-            beta_slow=self.beta_slow,
-        )
-        return freqs, yarn_attention_factor(scale, self.attention_factor)
+            return freqs, 1.0
+        yarn = yarn_frequencies(
+            freqs, head_dim=dim, theta=theta, scale=scale, original_max_seq_len=self.original_max_seq_len,
+            beta_fast=self.beta_fast, beta_slow=self.beta_slow,
+        )  # fmt: skip
+        return yarn, yarn_attention_factor(scale, self.attention_factor)
 
     def describe(self) -> str:
-        mode = "dynamic" if self.dynamic else f"scale={self.scale:g}"
-        return f"yarn({mode}, L0={self.original_max_seq_len}, attention_factor={self.attention_factor})"
+        if self.method == "yarn":
+            mode = "dynamic" if self.dynamic else f"scale={self.scale:g}"
+            return f"yarn({mode}, L0={self.original_max_seq_len}, attention_factor={self.attention_factor})"
+        if self.method == "abf":
+            return f"abf(base={self.base:g})"
+        return f"{self.method}(scale={self.scale:g}, L0={self.original_max_seq_len})"

@@ -5,13 +5,15 @@ Each attention head treats every kept RoPE frequency as a Fourier series over al
 for the first d_out = min(K, head_dim/4) pairs; the remaining pairs get c = s = pad_value (1 in the
 official code: position-free channels with a 2x logit weight). Frequencies with a period longer than the
 training length (w < 2*pi/L) are clipped to zero and dropped. The coefficients are random (Xavier +
-identity/step-identity E) and frozen by default, so the (H, T, head_dim/2) tables are cached like RoPE's.
+identity/step-identity E) and frozen by default; the (H, T, head_dim/2) tables are computed per forward from
+the positions (two small einsums), which the compiler fuses. Length scaling (FoPE+YaRN, the official behaviour
+with scale > 1, and the other `RotaryScaling` methods) applies to the K kept frequencies.
 
 Ablations (defaults = the official method; configs/pe/fope_*.yaml):
   clip=False      keep and mix every RoPE frequency, K = head_dim/2 (no floor at 2*pi/L);
   mix=False       C_cos = C_sin = E exactly (no random mixing); padding and slot cap unchanged;
   slot_cap=False  d_out = K Fourier slots instead of min(K, head_dim/4);
-  learnable=True  train the coefficients (Parameters, no table cache);
+  learnable=True  train the coefficients (Parameters);
   pad_value=0     zero the pairs beyond the slots instead of c = s = 1.
 """
 
@@ -23,7 +25,7 @@ import warnings
 import torch
 from torch import nn
 
-from fope_lm.position.base import RotaryEncoding, YarnScaling, rope_inv_freq
+from fope_lm.position.base import RotaryEncoding, rope_inv_freq
 from fope_lm.position.registry import register
 
 
@@ -59,28 +61,15 @@ class FourierPositionEncoding(RotaryEncoding):
         clip: bool = True,
         mix: bool = True,
         slot_cap: bool = True,
-        scale: float = 1.0,
-        original_max_seq_len: int | None = None,
-        dynamic: bool = False,
-        attention_factor: float | None = None,
-        beta_fast: float = 32.0,
-        beta_slow: float = 1.0,
-        **base,
+        **options,
     ):
-        super().__init__(**base)
+        super().__init__(**options)
         self.sigma = float(sigma)
         self.pad_value = float(pad_value)
         self.learnable = bool(learnable)
         self.clip, self.mix, self.slot_cap = bool(clip), bool(mix), bool(slot_cap)
-        self.yarn = YarnScaling(
-            scale=scale,
-            original_max_seq_len=original_max_seq_len or self.max_seq_len,
-            dynamic=dynamic,
-            attention_factor=attention_factor,
-            beta_fast=beta_fast,
-            beta_slow=beta_slow,
-        )
-        self.n_freqs = self.base_frequencies().numel()  # K
+        full = self.head_dim // 2
+        self.n_freqs = kept_frequencies(self.head_dim, self.theta, self.max_seq_len).numel() if self.clip else full  # K
         self.n_slots = min(self.n_freqs, self.head_dim // 4) if self.slot_cap else self.n_freqs  # d_out
         shape = (self.n_heads, self.n_freqs, self.n_slots)
         for coef_name in ("cos_coef", "sin_coef"):
@@ -100,39 +89,21 @@ class FourierPositionEncoding(RotaryEncoding):
                     coef.add_(eye.to(coef.device))
                 else:
                     coef.copy_(eye.to(coef.device))
-        self._cache = None
 
-    def base_frequencies(self) -> torch.Tensor:
-        """The K frequencies w_k the Fourier series run over: RoPE's above the floor 2*pi/L, or all of them."""
-        if self.clip:
-            return kept_frequencies(self.head_dim, self.theta, self.max_seq_len)
-        return rope_inv_freq(self.head_dim, self.theta)
-
-    def frequencies(self, dynamic_len: int | None = None) -> tuple[torch.Tensor, float]:
-        """The K frequencies (YaRN-rescaled when active; the floor, if clipping, uses L) and the table factor."""
-        freqs = self.base_frequencies()
-        if not self.yarn.active:
-            return freqs, 1.0
-        return self.yarn.apply(freqs, self.head_dim, self.theta, self.yarn.effective_scale(dynamic_len))
+    def unscaled_frequencies(self, theta, device="cpu"):
+        """The K frequencies w_k the Fourier series run over: RoPE's above the floor 2*pi/L (the first K, K fixed
+        at the training length and base), or all of them."""
+        return super().unscaled_frequencies(theta, device)[: self.n_freqs]
 
     def rotary_frequencies(self, dynamic_len=None):
-        return self.frequencies(dynamic_len)[0]
+        return self.inv_freq(dynamic_len)
 
-    def table_key(self, dynamic_len):
-        if self.learnable:
-            return None
-        # _version changes on any in-place write (load_state_dict, copy_), data_ptr on replacement
-        coefs = (self.cos_coef, self.sin_coef)
-        versions = tuple((c._version, c.data_ptr()) for c in coefs)
-        return (self.yarn.effective_scale(dynamic_len) if self.yarn.active else 1.0, versions)
-
-    def build_table(self, positions, dynamic_len):
-        freqs, factor = self.frequencies(dynamic_len)
-        angles = torch.outer(positions, freqs.to(positions.device))  # (T, K), float32
-        cos = torch.einsum("tk,hkj->htj", angles.cos(), self.cos_coef.float())  # (H, T, d_out)
-        sin = torch.einsum("tk,hkj->htj", angles.sin(), self.sin_coef.float())
-        n_pad = self.head_dim // 2 - self.n_slots
-        pad = cos.new_full((self.n_heads, positions.numel(), n_pad), self.pad_value)
+    def tables(self, positions, dynamic_len):
+        freqs, factor = self.frequencies(dynamic_len, positions.device)
+        angles = positions[..., None] * freqs  # (..., T, K), float32
+        cos = torch.einsum("...tk,hkj->...htj", angles.cos(), self.cos_coef.float())  # (..., H, T, d_out)
+        sin = torch.einsum("...tk,hkj->...htj", angles.sin(), self.sin_coef.float())
+        pad = cos.new_full((*cos.shape[:-1], self.head_dim // 2 - self.n_slots), self.pad_value)
         return torch.cat((cos, pad), -1) * factor, torch.cat((sin, pad), -1) * factor
 
     def transfer_state(self, state, *, expand=False):
@@ -160,7 +131,6 @@ class FourierPositionEncoding(RotaryEncoding):
                     f"{coef_name}: output slots {source.shape[2]}..{target.shape[2] - 1} are zero-filled, so those "
                     f"pairs (trained with pad value {self.pad_value:g}) now get c = s = 0; use expand to initialise them"
                 )
-        self._cache = None
         for note in notes:
             if "zero-filled" in note:
                 warnings.warn(note, stacklevel=2)
@@ -171,6 +141,6 @@ class FourierPositionEncoding(RotaryEncoding):
         parts += ["learnable" if self.learnable else "frozen"]
         switches = {"clip": self.clip, "mix": self.mix, "slot-cap": self.slot_cap}
         parts += [f"no-{name}" for name, on in switches.items() if not on]  # ablations
-        if self.yarn.active:
-            parts.append(self.yarn.describe())
+        if self.scaling.active:
+            parts.append(self.scaling.describe())
         return ", ".join(parts)

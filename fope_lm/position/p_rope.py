@@ -7,23 +7,22 @@ fixed fraction of the pairs, not the training length's floor frequency 2*pi/L.
 """
 
 from fope_lm.errors import ConfigError
+from fope_lm.position.base import keep_prefix
 from fope_lm.position.registry import register
 from fope_lm.position.rope import RotaryPositionEncoding
 
 
 @register("p_rope")
 class PartialFrequencyRotaryPositionEncoding(RotaryPositionEncoding):
-    def __init__(self, *, p: float = 0.75, **base):
-        super().__init__(**base)
+    def __init__(self, *, p: float = 0.75, **options):
+        super().__init__(**options)
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"p_rope: p is the fraction of frequencies kept, in [0, 1]; got {p}")
         self.p = float(p)
         self.n_kept = round(self.p * self.head_dim / 2)
 
-    def inv_freq(self, dynamic_len=None):
-        freqs = super().inv_freq(dynamic_len)  # highest first, so the kept ones are a prefix
-        freqs[self.n_kept :] = 0.0
-        return freqs
+    def unscaled_frequencies(self, theta, device="cpu"):
+        return keep_prefix(super().unscaled_frequencies(theta, device), self.n_kept)  # highest first: a prefix
 
     def extra_repr(self) -> str:
-        return f"p={self.p:g}, kept {self.n_kept}/{self.head_dim // 2} pairs"
+        return ", ".join(filter(None, [f"p={self.p:g}, kept {self.n_kept}/{self.head_dim // 2} pairs", super().extra_repr()]))

@@ -8,7 +8,7 @@ w_i = theta^(-2i/rot_dim), i < rot_dim/2, in the half-split layout within that s
 import torch
 
 from fope_lm.errors import ConfigError
-from fope_lm.position.base import apply_rotary, rope_inv_freq
+from fope_lm.position.base import apply_rotary
 from fope_lm.position.registry import register
 from fope_lm.position.rope import RotaryPositionEncoding
 
@@ -17,15 +17,12 @@ from fope_lm.position.rope import RotaryPositionEncoding
 class PartialRotaryPositionEncoding(RotaryPositionEncoding):
     """Tables are (1, T, rot_dim/2), not (1, T, head_dim/2): they cover the rotated slice only."""
 
-    def __init__(self, *, fraction: float = 0.25, **base):
-        super().__init__(**base)
+    def __init__(self, *, fraction: float = 0.25, **options):
+        super().__init__(**options)
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(f"partial_rope: fraction is the share of each head's dims rotated, in [0, 1]; got {fraction}")
         self.fraction = float(fraction)
-        self.rot_dim = int(self.fraction * self.head_dim) // 2 * 2
-
-    def inv_freq(self, dynamic_len=None):
-        return rope_inv_freq(self.rot_dim, self.theta)
+        self.rot_dim = self.rotary_dim = int(self.fraction * self.head_dim) // 2 * 2
 
     def apply_table(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rot_dim == 0:
@@ -34,4 +31,4 @@ class PartialRotaryPositionEncoding(RotaryPositionEncoding):
         return torch.cat((apply_rotary(rotated, cos, sin), passed), dim=-1)
 
     def extra_repr(self) -> str:
-        return f"fraction={self.fraction:g}, rot_dim={self.rot_dim}/{self.head_dim}"
+        return ", ".join(filter(None, [f"fraction={self.fraction:g}, rot_dim={self.rot_dim}/{self.head_dim}", super().extra_repr()]))

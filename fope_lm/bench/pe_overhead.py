@@ -1,6 +1,6 @@
 """FoPE vs RoPE train-step time on the same model, measured side by side in one run.
 
-FoPE's cos/sin tables are cached like RoPE's (its coefficients are frozen), so the target ratio is 1.0.
+FoPE's cos/sin tables are two small einsums per layer beside the matmuls, so the target ratio is 1.0.
 
     python scripts/bench/pe_overhead.py                      # CPU: 20m preset, 4 x 256 tokens
     python scripts/bench/pe_overhead.py --preset 60m --device cuda --dtype bf16 --batch 16 --seq-len 1024

@@ -27,6 +27,12 @@ def flash_attn_func():
     return func
 
 
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Key/value heads (B, H_kv, T, D) repeated for the n_heads query heads of their groups (query head h reads
+    key/value head h // (n_heads / H_kv))."""
+    return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
 def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True where key position <= query position."""
     return k_positions[None, :] <= q_positions[:, None]
@@ -63,6 +69,7 @@ def causal_attention(
         )
         return out.transpose(1, 2)
 
+    k, v = expand_kv(k, n_heads), expand_kv(v, n_heads)  # grouped-query attention: flash-attn takes them as they are
     if not pe.has_attention_bias:
         if tq == tk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)

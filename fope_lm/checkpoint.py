@@ -7,6 +7,7 @@ unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from fope_lm.provenance import git_sha
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
+SOURCE_CONFIG = "source_config.json"  # an imported checkpoint's copy of its source's config.json (fope_lm.hf.llama)
 FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,19 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{directory} is not a checkpoint: {CONFIG_FILE} is missing")
     try:
         payload = json.loads(path.read_text())
-        return ModelConfig.from_dict(payload["model"])
+        config = ModelConfig.from_dict(payload["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"corrupt checkpoint config {path}: {exc}") from None
     except FopeError as exc:
         raise CheckpointError(f"checkpoint {directory} has an incompatible model config: {exc}") from None
+    if (recorded := payload.get("source_config_sha256")) is not None:  # imported: its source must be the one recorded
+        source = directory / SOURCE_CONFIG
+        if not source.is_file() or hashlib.sha256(source.read_bytes()).hexdigest() != recorded:
+            raise CheckpointError(
+                f"{directory} was imported from a config.json that {SOURCE_CONFIG} no longer matches ({payload.get('imported_from')}): "
+                "import the source again with scripts/import_hf.py"
+            )
+    return config
 
 
 def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -1,11 +1,13 @@
 """An OLMo-style decoder-only transformer, generic over position encodings.
 
-Pre-norm blocks  x + attn(norm(x)),  x + mlp(norm(x));  RMSNorm (weight, eps 1e-6); fused QKV; SwiGLU MLP;
-no biases; final RMSNorm; untied LM head by default. Each attention layer owns a position-encoding module
+Pre-norm blocks  x + attn(norm(x)),  x + mlp(norm(x));  RMSNorm (weight, eps 1e-6); fused QKV, optionally with
+fewer key/value heads than query heads (grouped-query attention); SwiGLU MLP; no biases; final RMSNorm; untied LM
+head by default. With n_kv_heads, ffn_hidden_size, tied embeddings and eps 1e-5 this is exactly a LlamaForCausalLM
+(fope_lm/hf/llama.py converts both ways). Each attention layer owns a position-encoding module
 and asks it to rotate q/k and for an attention bias; the model never looks at the encoding's name, and it
 knows nothing about distribution (accelerate/DeepSpeed wrap it from outside).
 
-Shapes: B batch, T sequence, D d_model, H heads, Dh head_dim, V padded vocab.
+Shapes: B batch, T sequence, D d_model, H heads, H_kv key/value heads, Dh head_dim, V padded vocab.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ class ModelConfig:
     d_model: int
     n_layers: int
     n_heads: int
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads, the OLMo shape
     vocab_size: int = 50280  # the tokenizer's size; the embedding is padded up to `padded_vocab_size`
     max_seq_len: int = 512  # the training length L (sets FoPE's floor frequency, YaRN's default L0)
     mlp_ratio: int = 8  # SwiGLU input projection D -> mlp_ratio * D, split into value and gate halves
+    ffn_hidden_size: int | None = None  # SwiGLU's hidden width, when set (Llama's intermediate_size); None: mlp_ratio * D / 2
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -47,11 +51,26 @@ class ModelConfig:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"head_dim {self.d_model // self.n_heads} must be even")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(
+                f"n_kv_heads {self.n_kv_heads} must divide n_heads {self.n_heads} (query heads share key/value heads in groups)"
+            )
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
+            raise ConfigError(f"ffn_hidden_size must be positive or null, got {self.ffn_hidden_size}")
         self.pe_options = dict(self.pe_options)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        """SwiGLU's hidden width."""
+        return self.ffn_hidden_size or self.mlp_ratio * self.d_model // 2
 
     @property
     def padded_vocab_size(self) -> int:
@@ -79,6 +98,9 @@ PRESETS: dict[str, dict] = {
     "300m": dict(d_model=1024, n_layers=16, n_heads=16),
     "700m": dict(d_model=1536, n_layers=16, n_heads=16),
     "1b": dict(d_model=2048, n_layers=16, n_heads=16),
+    # SmolLM (HuggingFaceTB), a LlamaForCausalLM: grouped-query attention, tied embeddings, its SwiGLU width, vocab 49152
+    "smollm-135m": dict(d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden_size=1536, tie_embeddings=True, norm_eps=1e-5),
+    "smollm-360m": dict(d_model=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_hidden_size=2560, tie_embeddings=True, norm_eps=1e-5),
 }
 
 
@@ -101,7 +123,7 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Rotated keys and values of every layer for incremental decoding: (B, H, T_cached, Dh) each."""
+    """Rotated keys and values of every layer for incremental decoding: (B, H_kv, T_cached, Dh) each."""
 
     def __init__(self, n_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
@@ -124,23 +146,26 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        # fused projection: the H query heads, then the H_kv key heads, then the H_kv value heads
+        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
         self.flash = flash_attn_func()  # looked up once, here: never inside a traced forward
         self.pe: PositionEncoding = build_position_encoding(
             config.pe,
             head_dim=config.head_dim,
             n_heads=config.n_heads,
+            n_kv_heads=config.kv_heads,
             max_seq_len=config.max_seq_len,
             theta=config.rope_theta,
             **config.pe_options,
         )
 
     def rotated_qkv(self, x, positions: Positions | torch.Tensor, dynamic_len: int | None = None):
-        """q, k, v (B, H, T, Dh) of x (B, T, D), q and k after the position encoding."""
+        """q (B, H, T, Dh), k and v (B, H_kv, T, Dh) of x (B, T, D), q and k after the position encoding."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        heads = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = heads.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
         return (*self.pe.rotate_qk(q, k, positions, dynamic_len), v)
 
     def forward(self, x, positions: Positions | torch.Tensor, kv_cache: KVCache | None = None, dynamic_len: int | None = None):
@@ -158,7 +183,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        hidden = config.mlp_ratio * config.d_model // 2
+        hidden = config.hidden_size
         self.up = nn.Linear(config.d_model, 2 * hidden, bias=False)  # value and gate halves, fused
         self.down = nn.Linear(hidden, config.d_model, bias=False)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fope_lm.attention import BIAS_CHUNK_ELEMENTS
+from fope_lm.attention import BIAS_CHUNK_ELEMENTS, expand_kv
 from fope_lm.checkpoint import checkpoint_metadata, load_model, read_model_config, recorded_data_dir, resolve_checkpoint
 from fope_lm.errors import DataError
 from fope_lm.generate import inference
@@ -77,7 +77,7 @@ def mean_logit_by_distance(
         def hook(attn, args):
             x, positions = args[0], args[1]
             q, k, _ = attn.rotated_qkv(x, positions)
-            total = logit_sums_by_distance(q, k, attn.pe, chunk_elements=chunk_elements)
+            total = logit_sums_by_distance(q, expand_kv(k, q.shape[1]), attn.pe, chunk_elements=chunk_elements)
             sums[layer] = total if sums[layer] is None else sums[layer] + total
 
         return hook

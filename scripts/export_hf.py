@@ -3,7 +3,10 @@
     python scripts/export_hf.py runs/fope-60m-L512-s0 hf/fope-60m            # the run's newest checkpoint
     python scripts/export_hf.py runs/fope-60m-L512-s0/checkpoints/step_001000 hf/fope-60m --tokenizer data/c4/tokenizer
 
-Then: AutoModelForCausalLM.from_pretrained("hf/fope-60m", trust_remote_code=True); no fope_lm needed to load it.
+    python scripts/export_hf.py runs/rope-60m-L512-s0 hf/rope-60m --format native   # a LlamaForCausalLM, no remote code
+
+Then: AutoModelForCausalLM.from_pretrained("hf/fope-60m", trust_remote_code=True) (remote code; a native export needs no
+trust_remote_code); no fope_lm needed to load either.
 """
 
 import argparse
@@ -18,9 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint dir, or a run dir (its newest complete checkpoint)")
     parser.add_argument("out_dir", help="the directory to write (created; existing files are overwritten)")
     parser.add_argument("--tokenizer", help="a tokenizer dir (default: the tokenizer of the data the checkpoint was trained on)")
+    parser.add_argument("--format", default="auto", choices=["auto", "native", "remote"],
+                        help="native: a LlamaForCausalLM dir, no Python files (rope; yarn / linear / dynamic NTK scaling); "
+                        "remote: remote code, every PE; auto (default): native where exact, else remote")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        out_dir = export_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)
+        out_dir = export_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, format=args.format)
     except FopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

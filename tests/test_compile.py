@@ -18,12 +18,13 @@ from fope_lm.position import available
 
 from helpers.models import tiny
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # ~1 min over the registry
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # ~2 min over the registry, with and without GQA
 
 
+@pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("pe", available())
-def test_training_forward_is_one_graph_without_host_reads(pe):
-    model = tiny(pe)
+def test_training_forward_is_one_graph_without_host_reads(pe, n_kv_heads):
+    model = tiny(pe, n_kv_heads=n_kv_heads)
     ids = torch.randint(0, 256, (2, 33))
     inputs, labels = ids[:, :-1], ids[:, 1:]
     for chunk in (None, 8):
@@ -34,10 +35,11 @@ def test_training_forward_is_one_graph_without_host_reads(pe):
         assert reads.count == 0
 
 
+@pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("pe", available())
-def test_fullgraph_compile_trains_evaluates_long_and_decodes(pe):
+def test_fullgraph_compile_trains_evaluates_long_and_decodes(pe, n_kv_heads):
     torch._dynamo.reset()
-    model = tiny(pe)
+    model = tiny(pe, n_kv_heads=n_kv_heads)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids = torch.randint(0, 256, (2, 33))
     for chunk in (None, 8):

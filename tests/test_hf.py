@@ -74,7 +74,7 @@ def test_export_matches_fope_lm(case, tmp_path, tokenizer_dir):
     pe, pe_options, overrides = CASES[case]
     torch.manual_seed(0)
     model = tiny_checkpoint(tmp_path / "checkpoint", pe, pe_options, **overrides)
-    out = export_hf(tmp_path / "checkpoint", tmp_path / "hf", tokenizer=tokenizer_dir)
+    out = export_hf(tmp_path / "checkpoint", tmp_path / "hf", tokenizer=tokenizer_dir, format="remote")  # every PE (native: test_llama)
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(hf).__module__.startswith("transformers_modules.")  # the shipped code, not fope_lm.hf's
 

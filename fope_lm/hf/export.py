@@ -21,12 +21,13 @@ import pkgutil
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from fope_lm.checkpoint import load_model, recorded_data_dir, resolve_checkpoint
 from fope_lm.data.format import TOKENIZER_DIR
 from fope_lm.errors import FopeError
 from fope_lm.hf.configuration_fope import FopeConfig
+from fope_lm.hf.llama import export_llama, generation_config_for, native_rope_parameters
 from fope_lm.hf.modeling_fope import FopeForCausalLM
 from fope_lm.provenance import git_sha
 
@@ -39,11 +40,19 @@ class ExportError(FopeError):
     """A checkpoint or tokenizer that cannot be exported, or fope_lm source the bundler cannot flatten."""
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None) -> Path:
+FORMATS = ("auto", "native", "remote")
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None, format: str = "auto") -> Path:
     """Write the export of `checkpoint` (a checkpoint dir, or a run dir: its newest checkpoint) into `out_dir`.
 
-    tokenizer: a dir AutoTokenizer loads; default the tokenizer of the data the checkpoint was trained on.
+    tokenizer: a dir AutoTokenizer loads; default the tokenizer of the data the checkpoint was trained on (or an
+    imported checkpoint's own tokenizer/).
+    format: native (a LlamaForCausalLM directory, no Python files: rope, and YaRN / linear / dynamic-NTK scaling),
+    remote (remote code: every PE), auto (native when an exact equivalent exists, else remote).
     """
+    if format not in FORMATS:
+        raise ExportError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
     checkpoint = resolve_checkpoint(checkpoint)
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else recorded_tokenizer_dir(checkpoint)
     if tokenizer_dir is None:
@@ -55,6 +64,14 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
     model = load_model(checkpoint)
     if len(tok) > model.config.vocab_size:
         raise ExportError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, more than the model's vocab_size {model.config.vocab_size}")
+    native = native_rope_parameters(model.config) is not None
+    if format == "native" and not native:
+        raise ExportError(
+            f"{checkpoint} uses pe {model.config.pe!r} {model.config.pe_options or ''}, which transformers has no native equivalent of "
+            "(native: rope, and yarn / linear / dynamic_ntk scaling): export it with --format remote (or auto)"
+        )
+    if native and format != "remote":
+        return export_llama(model, Path(out_dir), tok)
 
     config = FopeConfig(  # type: ignore[call-arg]  # PreTrainedConfig takes any keyword
         **model.config.to_dict(),
@@ -63,13 +80,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
     with torch.device("meta"):
         hf_model = FopeForCausalLM(config)
     hf_model.model = model  # the loaded Transformer, weights and all
-    padding_rows = list(range(model.config.vocab_size, model.config.padded_vocab_size))
-    hf_model.generation_config = GenerationConfig(
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        suppress_tokens=padding_rows or None,
-    )
+    hf_model.generation_config = generation_config_for(model.config, tok)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +91,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
 
 
 def recorded_tokenizer_dir(checkpoint: Path) -> Path | None:
-    """<data_dir>/tokenizer of the data a checkpoint was trained on (`checkpoint.recorded_data_dir`), or None."""
+    """An imported checkpoint's own tokenizer/, else <data_dir>/tokenizer of the data it was trained on
+    (`checkpoint.recorded_data_dir`), or None."""
+    if (checkpoint / TOKENIZER_DIR).is_dir():
+        return checkpoint / TOKENIZER_DIR
     if (recorded := recorded_data_dir(checkpoint)) is None:
         return None
     data_dir, source = recorded

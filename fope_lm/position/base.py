@@ -55,12 +55,13 @@ class PositionEncoding(nn.Module):
 
     name: str = ""
 
-    def __init__(self, *, head_dim: int, n_heads: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(self, *, head_dim: int, n_heads: int, max_seq_len: int, theta: float = 10000.0, n_kv_heads: int | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary position encodings, got {head_dim}")
         self.head_dim = head_dim
         self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads  # keys may have fewer heads than queries (grouped-query attention)
         self.max_seq_len = max_seq_len
         self.theta = theta
 

@@ -1,6 +1,7 @@
 """FoPE (Hua et al. 2025), exactly as the paper's official code computes it, plus its ablation switches.
 
-Each attention head treats every kept RoPE frequency as a Fourier series over all kept frequencies:
+Each key/value head (each attention head, when there are as many: the official code) treats every kept RoPE
+frequency as a Fourier series over all kept frequencies, shared by the query heads of its group:
   c_{h,j}(t) = sum_k cos(w_k t) C_cos[h,k,j],   s_{h,j}(t) = sum_k sin(w_k t) C_sin[h,k,j]
 for the first d_out = min(K, head_dim/4) pairs; the remaining pairs get c = s = pad_value (1 in the
 official code: position-free channels with a 2x logit weight). Frequencies with a period longer than the
@@ -49,7 +50,7 @@ def step_eye(n_freqs: int, n_slots: int) -> torch.Tensor:
 
 @register("fope")
 class FourierPositionEncoding(RotaryEncoding):
-    cos_coef: torch.Tensor  # (H, K, d_out): a buffer, or a Parameter when learnable
+    cos_coef: torch.Tensor  # (H_kv, K, d_out): a buffer, or a Parameter when learnable
     sin_coef: torch.Tensor
 
     def __init__(
@@ -71,7 +72,7 @@ class FourierPositionEncoding(RotaryEncoding):
         full = self.head_dim // 2
         self.n_freqs = kept_frequencies(self.head_dim, self.theta, self.max_seq_len).numel() if self.clip else full  # K
         self.n_slots = min(self.n_freqs, self.head_dim // 4) if self.slot_cap else self.n_freqs  # d_out
-        shape = (self.n_heads, self.n_freqs, self.n_slots)
+        shape = (self.n_kv_heads, self.n_freqs, self.n_slots)  # per key/value head, shared by its query group
         for coef_name in ("cos_coef", "sin_coef"):
             coef = torch.empty(shape)
             if self.learnable:

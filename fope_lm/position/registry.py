@@ -41,14 +41,16 @@ def option_names(cls: type) -> set[str]:
         for param in inspect.signature(init).parameters.values():
             if param.kind is param.KEYWORD_ONLY:
                 names.add(param.name)
-    return names - {"head_dim", "n_heads", "max_seq_len", "theta"}
+    return names - {"head_dim", "n_heads", "n_kv_heads", "max_seq_len", "theta"}
 
 
-def build_position_encoding(name: str, *, head_dim: int, n_heads: int, max_seq_len: int, theta: float = 10000.0, **options):
+def build_position_encoding(
+    name: str, *, head_dim: int, n_heads: int, max_seq_len: int, theta: float = 10000.0, n_kv_heads: int | None = None, **options
+):
     """Build the position encoding `name` for one attention layer. Unknown options are an error naming them."""
     cls = get_class(name)
     unknown = sorted(set(options) - option_names(cls))
     if unknown:
         known = ", ".join(sorted(option_names(cls))) or "none"
         raise ConfigError(f"position encoding {name!r} has no option(s) {', '.join(unknown)}; its options: {known}")
-    return cls(head_dim=head_dim, n_heads=n_heads, max_seq_len=max_seq_len, theta=theta, **options)
+    return cls(head_dim=head_dim, n_heads=n_heads, max_seq_len=max_seq_len, theta=theta, n_kv_heads=n_kv_heads, **options)

@@ -70,12 +70,13 @@ def train_passkey_model(pe: str = "rope", steps: int = 150, batch_size: int = 16
     return model.eval()
 
 
-def prepare_passkey_data(root: Path) -> dict:
-    """A prepared dataset (the data layer's format) of passkey documents in the tokenizer above; returns its data
-    config, as configs/data/*.yaml would give it."""
+def prepare_passkey_data(root: Path, tokenizer_dir: Path | None = None) -> dict:
+    """A prepared dataset (the data layer's format) of passkey documents in the tokenizer above (or a saved copy of
+    it, e.g. an imported model's tokenizer/); returns its data config, as configs/data/*.yaml would give it."""
     tokenizer = passkey_tokenizer()
-    tokenizer_dir = root / "tokenizer-src"
-    tokenizer.save_pretrained(tokenizer_dir)
+    if tokenizer_dir is None:
+        tokenizer_dir = root / "tokenizer-src"
+        tokenizer.save_pretrained(tokenizer_dir)
     paths = {}
     for split, n, seed in (("train", 40, 1), ("validation", 60, 2)):
         path = root / f"{split}.jsonl"

@@ -52,7 +52,10 @@ OPTIMIZER_STATE = "optimizer.pt"
 DEEPSPEED_STATE = "deepspeed"  # the DeepSpeed engine's own sharded model/optimizer states (pickles)
 RNG_STATE = "rng_rank{rank}.pt"
 # Settings a resumed run may change (a run gets extended, its batch or schedule adjusted): warned and recorded.
-RESUME_MAY_CHANGE = ("train.global_batch_size", "train.max_steps", "optim.lr", "optim.warmup_steps", "optim.alpha_f")
+RESUME_MAY_CHANGE = (
+    "train.global_batch_size", "train.max_steps", "optim.lr", "optim.warmup_steps", "optim.alpha_f",
+    "train.document_mask", "train.document_positions",
+)  # fmt: skip
 
 
 class Checkpointer:

@@ -91,6 +91,17 @@ class TrainSection:
     peak_tflops: float | None = None
     compile: bool = MISSING
     activation_checkpointing: str = MISSING  # none | full | every_<n>
+    document_mask: bool = MISSING  # attention within each document of a packed row (fope_lm.documents)
+    document_positions: str | None = MISSING  # global | restart (at each document); null: restart when masking
+
+    @property
+    def restart_positions(self) -> bool:
+        return self.document_positions == "restart"
+
+    @property
+    def uses_documents(self) -> bool:
+        """The forward needs the documents of each row (to mask attention, or to restart positions)."""
+        return self.document_mask or self.restart_positions
 
     @property
     def checkpoint_every(self) -> int:
@@ -114,6 +125,10 @@ class TrainSection:
             raise ConfigError(
                 f"train.activation_checkpointing must be none, full or every_<n> (every n-th block), got {self.activation_checkpointing!r}"
             )
+        if self.document_positions is None:
+            self.document_positions = "restart" if self.document_mask else "global"
+        if self.document_positions not in ("global", "restart"):
+            raise ConfigError(f"train.document_positions must be global, restart or null, got {self.document_positions!r}")
         if self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be at least 1, got {self.max_steps}")
         if self.grad_clip is not None and not self.grad_clip > 0:  # a negative max norm flips the gradient's sign

@@ -59,6 +59,7 @@ class PerplexityConfig:
     tokens_total: int = 2**21  # per length; rounded down to a multiple of the largest length, capped by the split
     tokens_per_batch: int | None = None  # constant across lengths (batch = tokens_per_batch // T, min 1); null: the largest length
     loss_chunk_tokens: int = 4096  # LM-head rows per call: bounds the float32 logits held at once
+    per_document: bool = False  # each document scored alone (its first T tokens), bucketed by position in the document
     sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
 
     def __post_init__(self):

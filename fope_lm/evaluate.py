@@ -9,7 +9,8 @@ Perplexity at length T: the same token prefix (a multiple of the largest T) is c
 chunks of T tokens, each run from position 0; the mean next-token cross-entropy over all T-1 targets of every
 chunk gives ppl = exp(loss). Batches hold max(1, tokens_per_batch // T) chunks. Losses are also summed per
 position bucket [0, L), [L, 2L), [2L, 4L), ... of the predicting position (L the training length), so
-in-distribution and extrapolated positions can be told apart.
+in-distribution and extrapolated positions can be told apart. With `perplexity.per_document` each document is
+scored alone instead (`per_document_perplexity`), bucketed by position within its document.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from fope_lm import checkpoint as checkpoints
 from fope_lm import report
 from fope_lm.data import TokenData, ValidationTokens, ensure_prepared, load_tokenizer
+from fope_lm.documents import document_positions
 from fope_lm.errors import ConfigError, DataError
 from fope_lm.eval_config import EvalConfig, ScalingEvalConfig, ScalingMethod, WandbConfig
 from fope_lm.generate import inference, lm_logits
@@ -151,6 +153,112 @@ def perplexity_by_length(
                 "wall_time_s": round(time.perf_counter() - started, 3),
             }
             logger.info(f"T={length:>6}: loss {loss:.4f}  ppl {math.exp(loss):.2f}  ({n_chunks} chunks)")
+    return results
+
+
+def split_documents(tokens: torch.Tensor, eos_id: int) -> list[torch.Tensor]:
+    """The documents of a 1-D token stream, each with its closing EOS (the last may be cut by the stream's end);
+    documents of one token (nothing to predict) are left out."""
+    ends = (torch.nonzero(tokens == eos_id).flatten() + 1).tolist()
+    if not ends or ends[-1] != tokens.numel():
+        ends.append(tokens.numel())
+    documents = torch.tensor_split(tokens, ends[:-1])
+    return [document for document in documents if document.numel() > 1]
+
+
+def pack_documents(documents: list[torch.Tensor], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (n, length) holding each document's first `length` tokens, in order, none split across rows, and their
+    document ids (n, length): the document's index, and for a row's unused tail (padding) len(documents), so that
+    the ids never decrease along a row."""
+    rows: list[list[torch.Tensor]] = []
+    ids: list[list[torch.Tensor]] = []
+    row: list[torch.Tensor] = []
+    row_ids: list[torch.Tensor] = []
+    for number, document in enumerate(documents):
+        document = document[:length]
+        if sum(part.numel() for part in row) + document.numel() > length:
+            rows.append(row)
+            ids.append(row_ids)
+            row, row_ids = [], []
+        row.append(document)
+        row_ids.append(torch.full_like(document, number))
+    rows.append(row)
+    ids.append(row_ids)
+    padded_rows, padded_ids = [], []
+    for row, row_ids in zip(rows, ids, strict=True):
+        used = sum(part.numel() for part in row)
+        padded_rows.append(torch.cat([*row, torch.full((length - used,), pad_id, dtype=torch.long)]))
+        padded_ids.append(torch.cat([*row_ids, torch.full((length - used,), len(documents), dtype=torch.long)]))
+    return torch.stack(padded_rows), torch.stack(padded_ids)
+
+
+def per_document_perplexity(
+    model: Transformer,
+    val_tokens,
+    lengths: list[int],
+    tokens_per_batch: int | None = None,
+    *,
+    eos_id: int,
+    train_len: int | None = None,
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict[int, dict]:
+    """Each document scored alone, up to T tokens of it: the documents of the same token prefix as
+    `perplexity_by_length`'s, each cut to its first T tokens, packed into rows of T with document masking and
+    positions restarting at each document (so every token sees exactly its document's earlier tokens), and the
+    loss bucketed by the predicting position within its document. Rows as perplexity_by_length's, plus
+    n_documents; n_chunks counts the packed rows."""
+    tokens_per_batch = tokens_per_batch or max(lengths)
+    train_len = train_len or model.config.max_seq_len
+    device = next(model.parameters()).device
+    documents = split_documents(_same_text_prefix(_long_tokens(val_tokens), max(lengths)), eos_id)
+    if not documents:
+        raise DataError("the validation tokens hold no document of two or more tokens to score")
+    results = {}
+    with inference(model, autocast_dtype):
+        for length in lengths:
+            started = time.perf_counter()
+            rows, ids = pack_documents(documents, length, pad_id=eos_id)
+            batch_size = max(1, tokens_per_batch // length)
+            loss_sum = torch.zeros(length - 1, dtype=torch.float64)  # by predicting position within the document
+            scored = torch.zeros(length - 1, dtype=torch.float64)
+            for batch, batch_ids in tqdm(
+                zip(rows.split(batch_size), ids.split(batch_size), strict=True),
+                desc=f"ppl/doc T={length}",
+                disable=not progress,
+                leave=False,
+            ):
+                losses = (
+                    token_losses(model, batch.to(device), loss_chunk_tokens=loss_chunk_tokens, doc_ids=batch_ids.to(device)).double().cpu()
+                )
+                target_in_document = (batch_ids[:, 1:] == batch_ids[:, :-1]) & (batch_ids[:, :-1] < len(documents))
+                position = document_positions(batch_ids)[:, :-1]
+                loss_sum.index_add_(0, position[target_in_document], losses[target_in_document])
+                scored.index_add_(0, position[target_in_document], torch.ones_like(losses[target_in_document]))
+            total = int(scored.sum().item())
+            loss = loss_sum.sum().item() / total
+            buckets = []
+            for start, end in position_buckets(train_len, length - 1):
+                in_bucket = int(scored[start:end].sum().item())
+                if in_bucket:  # no document reaches the bucket: nothing to report
+                    buckets.append(
+                        {"start": start, "end": end, "scored_tokens": in_bucket, "loss": loss_sum[start:end].sum().item() / in_bucket}
+                    )
+            results[length] = {
+                "length": length,
+                "batch_size": batch_size,
+                "n_chunks": rows.shape[0],
+                "n_documents": len(documents),
+                "scored_tokens": total,
+                "loss": loss,
+                "ppl": math.exp(loss),
+                "buckets": buckets,
+                "wall_time_s": round(time.perf_counter() - started, 3),
+            }
+            logger.info(
+                f"T={length:>6}: loss {loss:.4f}  ppl {math.exp(loss):.2f}  ({len(documents)} documents alone, {rows.shape[0]} rows)"
+            )
     return results
 
 
@@ -308,7 +416,14 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
         validation = ValidationTokens(data, ppl_cfg.tokens_total, longest)
         tokens_evaluated = validation.num_tokens
         common: dict[str, Any] = dict(loss_chunk_tokens=ppl_cfg.loss_chunk_tokens, autocast_dtype=autocast_dtype, progress=cfg.progress)
-        by_length = perplexity_by_length(model, validation.tokens, ppl_cfg.lengths, ppl_cfg.tokens_per_batch, train_len=train_len, **common)
+        if ppl_cfg.per_document:
+            by_length = per_document_perplexity(
+                model, validation.tokens, ppl_cfg.lengths, ppl_cfg.tokens_per_batch, eos_id=data.eos_id, train_len=train_len, **common
+            )
+        else:
+            by_length = perplexity_by_length(
+                model, validation.tokens, ppl_cfg.lengths, ppl_cfg.tokens_per_batch, train_len=train_len, **common
+            )
         perplexity = list(by_length.values())
         if (window := ppl_cfg.sliding_window.window) is not None:
             stride = ppl_cfg.sliding_window.stride
@@ -362,6 +477,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
         "settings": {
             "tokens_per_batch": ppl_cfg.tokens_per_batch or max(ppl_cfg.lengths),
             "loss_chunk_tokens": ppl_cfg.loss_chunk_tokens,
+            "per_document": ppl_cfg.per_document,
             "device": _device_name(device),
             "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
         },

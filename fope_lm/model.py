@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fope_lm.attention import causal_attention, flash_attn_func
+from fope_lm.attention import causal_attention, flash_attn_funcs
+from fope_lm.documents import Documents, document_positions
 from fope_lm.errors import ConfigError
 from fope_lm.position import PositionEncoding, Positions, build_position_encoding
 
@@ -123,11 +124,13 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Rotated keys and values of every layer for incremental decoding: (B, H_kv, T_cached, Dh) each."""
+    """Rotated keys and values of every layer for incremental decoding: (B, H_kv, T_cached, Dh) each, and the
+    position encoding's token state (B, S, T_cached) where it has one (FoX's forget gates)."""
 
     def __init__(self, n_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.states: list[torch.Tensor | None] = [None] * n_layers
 
     @property
     def length(self) -> int:
@@ -141,6 +144,12 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
+    def update_state(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        cached = self.states[layer]
+        state = state if cached is None else torch.cat((cached, state), dim=-1)
+        self.states[layer] = state
+        return state
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
@@ -150,7 +159,7 @@ class Attention(nn.Module):
         # fused projection: the H query heads, then the H_kv key heads, then the H_kv value heads
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.flash = flash_attn_func()  # looked up once, here: never inside a traced forward
+        self.flash = flash_attn_funcs()  # looked up once, here: never inside a traced forward
         self.pe: PositionEncoding = build_position_encoding(
             config.pe,
             head_dim=config.head_dim,
@@ -168,15 +177,28 @@ class Attention(nn.Module):
         q, k, v = heads.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
         return (*self.pe.rotate_qk(q, k, positions, dynamic_len), v)
 
-    def forward(self, x, positions: Positions | torch.Tensor, kv_cache: KVCache | None = None, dynamic_len: int | None = None):
+    def forward(
+        self,
+        x,
+        positions: Positions | torch.Tensor,
+        kv_cache: KVCache | None = None,
+        dynamic_len: int | None = None,
+        documents: Documents | None = None,
+    ):
         B, T, D = x.shape
         positions = Positions.of(positions)
         q, k, v = self.rotated_qkv(x, positions, dynamic_len)
-        q_positions = k_positions = positions.tensor(x.device)
+        state = self.pe.token_state(x)
+        q_index = k_index = torch.arange(positions.start, positions.end, device=x.device)  # the causal order
+        per_token = positions.per_token  # the encoding's positions where they are not the indices
         if kv_cache is not None:  # the cached keys sit at 0 .. start - 1, the new ones after them
             k, v = kv_cache.update(self.layer, k, v)
-            k_positions = torch.arange(k.shape[2], device=x.device)
-        y = causal_attention(q, k, v, q_positions, k_positions, self.pe, flash=self.flash)  # (B, H, T, Dh)
+            state = None if state is None else kv_cache.update_state(self.layer, state)
+            k_index = torch.arange(k.shape[2], device=x.device)
+        y = causal_attention(
+            q, k, v, self.pe, q_index=q_index, k_index=k_index, q_positions=per_token,
+            k_positions=per_token if kv_cache is None else None, documents=documents, k_state=state, flash=self.flash,
+        )  # (B, H, T, Dh)  # fmt: skip
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -200,8 +222,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, positions, kv_cache=None, dynamic_len=None):
-        x = x + self.attn(self.attn_norm(x), positions, kv_cache, dynamic_len)
+    def forward(self, x, positions, kv_cache=None, dynamic_len=None, documents=None):
+        x = x + self.attn(self.attn_norm(x), positions, kv_cache, dynamic_len, documents)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -225,9 +247,13 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """normal(0, init_std) truncated at 3 sigma for every matrix; norms at one; PE state re-drawn."""
+        """normal(0, init_std) truncated at 3 sigma for every matrix; norms at one; PE state (its own layers included:
+        FIRE's MLP, FoX's gate) initialised by the encoding, as its reference does."""
         std = self.config.init_std
+        owned_by_pe = {id(inner) for pe in self.position_encodings() for inner in pe.modules()}
         for module in self.modules():
+            if id(module) in owned_by_pe and not isinstance(module, PositionEncoding):
+                continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
             elif isinstance(module, RMSNorm):
@@ -238,7 +264,7 @@ class Transformer(nn.Module):
     def use_flash_attention(self, enabled: bool) -> None:
         """flash-attn where installed and the inputs fit (CUDA, 16-bit), the default; False: always PyTorch SDPA."""
         for block in self.blocks:
-            cast(Block, block).attn.flash = flash_attn_func() if enabled else None
+            cast(Block, block).attn.flash = flash_attn_funcs() if enabled else None
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Recompute every `every`-th block (blocks 0, every, 2 every, ...) in backward instead of keeping its
@@ -270,19 +296,29 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
         dynamic_len: int | None = None,
+        doc_ids: Documents | torch.Tensor | None = None,
+        document_mask: bool = True,
+        restart_positions: bool = True,
     ) -> torch.Tensor:
         """The final norm's output (B, T, D): the forward without the LM head, which evaluation and generation
         apply to a few positions at a time (arguments as in `forward`)."""
         if kv_cache is not None and start_pos != kv_cache.length:
             raise ValueError(f"start_pos {start_pos} does not continue the KV cache of length {kv_cache.length}")
-        positions = Positions(start_pos, input_ids.shape[1])  # Python ints: static for the compiler, no host reads
+        documents = None if doc_ids is None else Documents.of(doc_ids)
+        if documents is not None and kv_cache is not None:
+            raise ValueError(
+                "doc_ids describe packed rows for training and scoring; a KV cache continues one sequence: pass one or the other"
+            )
+        per_token = document_positions(documents.ids) if documents is not None and restart_positions else None
+        positions = Positions(start_pos, input_ids.shape[1], per_token)  # ints: static for the compiler, no host reads
+        documents = documents if document_mask else None
         x = self.embed(input_ids)
         recompute = self.checkpoint_every and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, positions, None, dynamic_len, use_reentrant=False)
+                x = checkpoint(block, x, positions, None, dynamic_len, documents, use_reentrant=False)
             else:
-                x = block(x, positions, kv_cache, dynamic_len)
+                x = block(x, positions, kv_cache, dynamic_len, documents)
         return self.norm(x)
 
     def forward(
@@ -295,6 +331,9 @@ class Transformer(nn.Module):
         dynamic_len: int | None = None,
         loss_chunk_size: int | None = None,
         reduction: str = "mean",
+        doc_ids: Documents | torch.Tensor | None = None,
+        document_mask: bool = True,
+        restart_positions: bool = True,
     ) -> ModelOutput:
         """input_ids, labels: (B, T) int64; labels -100 are ignored.
 
@@ -302,8 +341,15 @@ class Transformer(nn.Module):
         dynamic_len: the length dynamic YaRN scales for (default: the last position + 1).
         loss_chunk_size: compute the LM head + loss this many positions at a time, never holding (B, T, V)
           float32 logits (then `logits` is None).
+        doc_ids: (B, T) int64, the document of each token of packed rows (non-decreasing along T;
+          `fope_lm.documents`), or `Documents`. With the defaults every token's logits are those of its document
+          run alone: `document_mask` keeps attention within each document, `restart_positions` counts each
+          document's positions from 0.
         """
-        x = self.hidden_states(input_ids, start_pos=start_pos, kv_cache=kv_cache, dynamic_len=dynamic_len)
+        x = self.hidden_states(
+            input_ids, start_pos=start_pos, kv_cache=kv_cache, dynamic_len=dynamic_len,
+            doc_ids=doc_ids, document_mask=document_mask, restart_positions=restart_positions,
+        )  # fmt: skip
         T = input_ids.shape[1]
         if labels is None:
             return ModelOutput(self.lm_head(x).float(), None, None)

@@ -14,7 +14,7 @@ from fope_lm.config import OptimSection
 
 
 def parameter_groups(model: nn.Module, settings: OptimSection) -> list[dict]:
-    """Weight decay on Linear weights; norms and embeddings decay only when asked (OLMo's default: neither).
+    """Weight decay on Linear weights (not biases); norms and embeddings decay only when asked (OLMo's default: neither).
 
     Everything else that trains (e.g. learnable FoPE coefficients) is not decayed, like OLMo's norms.
     """
@@ -27,7 +27,7 @@ def parameter_groups(model: nn.Module, settings: OptimSection) -> list[dict]:
                 continue
             seen.add(id(param))
             if isinstance(module, nn.Linear):
-                wants_decay = True
+                wants_decay = param.ndim >= 2  # weights; biases (FoX's gate, FIRE's MLP) do not decay
             elif isinstance(module, nn.Embedding):
                 wants_decay = settings.decay_embeddings
             else:

@@ -3,10 +3,10 @@
 For layer l and head h, on sequences of N = 4L tokens (L = the checkpoint's training length `max_seq_len`):
   a_h(d) = mean over sequences and query positions i >= d of  q_i.k_{i-d} / sqrt(d_h) + b_h(i, i-d),
 the mean pre-softmax logit at relative distance d = 0 .. N-1, with q, k after the position encoding and b its
-attention bias (zero for rotary methods). Its spectrum is the one-sided rfft over d of the mean-removed
-curve, at angular frequencies w_m = 2*pi*m/N (radians per token). Bin m's energy E_m is its share of the
-curve's variance over d (Parseval: sum_m E_m = var_d a_h(d)); the mean is dropped because a constant logit
-offset does not change the softmax.
+attention bias (zero for rotary methods; each sequence's own for the content-dependent CoPE and FoX). Its
+spectrum is the one-sided rfft over d of the mean-removed curve, at angular frequencies w_m = 2*pi*m/N (radians
+per token). Bin m's energy E_m is its share of the curve's variance over d (Parseval: sum_m E_m = var_d a_h(d));
+the mean is dropped because a constant logit offset does not change the softmax.
 
 One number per layer: the fraction of the layer's energy (summed over heads) at 0 < w < 2*pi/L, the
 components with a period longer than L that training never shows a full cycle of, which the FoPE paper
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from fope_lm.attention import BIAS_CHUNK_ELEMENTS, expand_kv
 from fope_lm.checkpoint import checkpoint_metadata, load_model, read_model_config, recorded_data_dir, resolve_checkpoint
 from fope_lm.errors import DataError
 from fope_lm.generate import inference
-from fope_lm.position import PositionEncoding
+from fope_lm.position import BiasInputs, PositionEncoding
 from fope_lm.provenance import git_sha
 
 SPAN = 4  # analysed sequences are SPAN * L tokens: resolves the SPAN - 1 bins below 2*pi/L
@@ -37,26 +38,33 @@ SPAN = 4  # analysed sequences are SPAN * L tokens: resolves the SPAN - 1 bins b
 
 # --- logits by relative distance --------------------------------------------------------------------------------
 def logit_sums_by_distance(
-    q: torch.Tensor, k: torch.Tensor, pe: PositionEncoding, *, chunk_elements: int = BIAS_CHUNK_ELEMENTS
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pe: PositionEncoding,
+    *,
+    k_state: torch.Tensor | None = None,
+    chunk_elements: int = BIAS_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """S_h(d) = sum over the batch and over queries i >= d of the logit (i, i - d): float64 (H, T).
 
-    q, k: (B, H, T, Dh) at positions 0..T-1. Queries go a chunk at a time, so at most `chunk_elements`
-    logits (and bias entries) exist at once; summing the batch inside the matmul keeps them (H, chunk, T).
+    q, k: (B, H, T, Dh) at positions 0..T-1; k_state: the encoding's token state of the layer input (FoX). Queries go
+    a chunk at a time, so at most `chunk_elements` logits (and bias entries) exist at once.
     """
-    _, n_heads, T, head_dim = q.shape
+    batch, n_heads, T, head_dim = q.shape
     q, k = q.float(), k.float()
     positions = torch.arange(T, device=q.device)
     sums = torch.zeros(n_heads, T, dtype=torch.float64, device=q.device)
-    rows = max(1, chunk_elements // (n_heads * T))
+    rows = max(1, chunk_elements // (batch * n_heads * T * pe.bias_memory))
     for start in range(0, T, rows):
-        q_pos = positions[start : start + rows]
-        logits = torch.einsum("bhid,bhjd->hij", q[:, :, start : start + rows], k) / math.sqrt(head_dim)
-        if (bias := pe.attention_bias(q_pos, positions)) is not None:
-            logits = logits + q.shape[0] * bias.float()  # the same bias per sequence
+        block = slice(start, start + rows)
+        q_pos = positions[block]
+        logits = q[:, :, block] @ k.transpose(-1, -2) / math.sqrt(head_dim)  # (B, H, chunk, T)
         distance = q_pos[:, None] - positions[None, :]  # i - j, (chunk, T)
         causal = distance >= 0
-        sums.index_add_(1, distance[causal], logits[:, causal].double())
+        if pe.has_attention_bias:
+            inputs = BiasInputs(q_pos, positions, q[:, :, block], k, causal, block, k_state)
+            logits = logits + cast(torch.Tensor, pe.logit_bias(inputs)).float()  # (H or B x H, chunk, T): broadcasts
+        sums.index_add_(1, distance[causal], logits.sum(0)[:, causal].double())
     return sums
 
 
@@ -77,7 +85,8 @@ def mean_logit_by_distance(
         def hook(attn, args):
             x, positions = args[0], args[1]
             q, k, _ = attn.rotated_qkv(x, positions)
-            total = logit_sums_by_distance(q, expand_kv(k, q.shape[1]), attn.pe, chunk_elements=chunk_elements)
+            k = expand_kv(k, q.shape[1])
+            total = logit_sums_by_distance(q, k, attn.pe, k_state=attn.pe.token_state(x), chunk_elements=chunk_elements)
             sums[layer] = total if sums[layer] is None else sums[layer] + total
 
         return hook

@@ -49,6 +49,7 @@ from fope_lm.distributed import (
     mixed_precision,
     uses_deepspeed,
 )
+from fope_lm.documents import Documents
 from fope_lm.errors import ConfigError, FopeError
 from fope_lm.faults import FaultInjection
 from fope_lm.model import ModelConfig, Transformer
@@ -335,16 +336,19 @@ class Trainer:
         lr = learning_rate(step, peak=optim.lr, warmup_steps=optim.warmup_steps, max_steps=train.max_steps, alpha_f=optim.alpha_f)
         set_learning_rate(self.optimizer, lr)  # before backward: DeepSpeed steps inside the last one
 
-        batch = self.batches.next_batch().to(self.device)
-        inputs, labels = batch[:, :-1], batch[:, 1:]
+        batch = self.batches.next_batch()  # on the host: its documents are found there, without a device read
+        labels = batch[:, 1:].to(self.device)
         global_targets = accelerator.reduce((labels != -100).sum(), reduction="sum")
         # accelerate divides each micro-batch loss by grad_accum and DDP/DeepSpeed average over ranks: undo both,
         # so the gradient is sum(token losses) / global_targets.
         scale = self.plan.grad_accum * self.plan.world_size / global_targets
         loss_sum = torch.zeros((), device=self.device)
-        for micro_inputs, micro_labels in zip(inputs.split(train.micro_batch_size), labels.split(train.micro_batch_size), strict=True):
+        for rows, micro_labels in zip(batch.split(train.micro_batch_size), labels.split(train.micro_batch_size), strict=True):
             with accelerator.accumulate(self.model):
-                loss = self.model(micro_inputs, micro_labels, reduction="sum", loss_chunk_size=train.loss_chunk_size).loss
+                loss = self.model(
+                    rows[:, :-1].to(self.device), micro_labels, reduction="sum", loss_chunk_size=train.loss_chunk_size,
+                    **self.document_kwargs(rows[:, :-1]),
+                ).loss  # fmt: skip
                 accelerator.backward(loss * scale)
                 loss_sum += loss.detach()
         norm = accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip or float("inf"))  # None: DeepSpeed's own
@@ -368,6 +372,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, stop=stop_votes > 0)
 
+    def document_kwargs(self, inputs: torch.Tensor) -> dict:
+        """The forward's document arguments for input rows still on the host (`train.document_mask`,
+        `train.document_positions`); none when training attends across documents from global positions."""
+        train = self.config.train
+        if not train.uses_documents:
+            return {}
+        documents = Documents.of_tokens(inputs, self.plan.data.eos_id).to(self.device)
+        return {"doc_ids": documents, "document_mask": train.document_mask, "restart_positions": train.restart_positions}
+
     def stop_agreed(self) -> bool:
         """Whether any rank has been asked to stop (a collective: every rank must call it)."""
         flag = torch.tensor(float(self.callbacks.stop_requested()), device=self.device)
@@ -390,9 +403,12 @@ class Trainer:
         """Validation loss at the training length (token-weighted over every rank's shard), plus the eval hooks."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for chunk in self.val_chunks.split(self.config.train.micro_batch_size):
-            chunk = chunk.to(self.device)
-            out = self.model(chunk[:, :-1], chunk[:, 1:], reduction="sum", loss_chunk_size=self.config.train.loss_chunk_size)
+        for rows in self.val_chunks.split(self.config.train.micro_batch_size):
+            chunk = rows.to(self.device)
+            out = self.model(
+                chunk[:, :-1], chunk[:, 1:], reduction="sum", loss_chunk_size=self.config.train.loss_chunk_size,
+                **self.document_kwargs(rows[:, :-1]),
+            )  # fmt: skip
             totals += torch.stack((out.loss.double(), out.n_targets.double()))
         loss_sum, n_targets = self.accelerator.reduce(totals, reduction="sum").tolist()
         metrics = {"val/loss": loss_sum / n_targets, "val/ppl": perplexity(loss_sum / n_targets)}

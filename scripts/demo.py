@@ -11,9 +11,11 @@ that separate FoPE's two ingredients, in minutes on a CPU.
 3. evaluates each from 0.5x to 16x the training length (64 ... 2048), plus rope with dynamic YaRN applied at
    evaluation time (`python eval.py ...`);
 4. prints the perplexity table and saves the overlay plot (`scripts/compare_results.py`).
-Runs go to --out (default runs/demo, relative to the repo root). Jobs run --jobs at a time with one thread
-each: on a small, shared CPU two single-threaded runs finish sooner than the same runs one after the other
-with two threads each.
+`--document-mask` trains with attention kept within each document and positions restarting at each one
+(train.document_mask=true); evaluation is the same protocol, and the labels gain " (doc mask)".
+Runs go to --out (default runs/demo, or runs/demo_document_mask with --document-mask; relative to the repo root).
+Jobs run --jobs at a time with one thread each: on a small, shared CPU two single-threaded runs finish sooner than
+the same runs one after the other with two threads each.
 """
 
 import argparse
@@ -105,6 +107,27 @@ def run_jobs(title: str, jobs: list[Job], n_parallel: int) -> None:
         bar.close()
 
 
+def training_budget(args: argparse.Namespace, out: Path) -> list[str]:
+    """train.py overrides, the same for every PE: seed (so data order), steps, batch, schedule, document masking."""
+    return [
+        "model=tiny", f"train.seq_len={TRAIN_LEN}", f"train.max_steps={args.steps}",
+        f"train.global_batch_size={args.batch_size}", f"train.micro_batch_size={args.batch_size}",
+        f"train.eval_interval={args.steps}", f"train.save_interval={args.steps}", "train.log_interval=10",
+        f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, args.steps // 10)}", f"seed={args.seed}", f"run_root={out}", "overwrite=true",
+        *(["train.document_mask=true"] if args.document_mask else []),
+    ]  # fmt: skip
+
+
+def eval_runs(pes: list[str], document_mask: bool) -> list[tuple[str, str, str, list[str]]]:
+    """(label, output dir name, trained run, eval overrides) per evaluation: each run as trained, and YaRN on rope."""
+    suffix = " (doc mask)" if document_mask else ""
+    evals = [(pe + suffix, pe, pe, []) for pe in pes]
+    if "rope" in pes:
+        label, name, run, overrides = YARN_EVAL
+        evals.append((label + suffix, name, run, overrides))
+    return evals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # 600: ~20 min on 2 CPU cores, the same ordering as 800 (`DEMO_STEPS=N make demo` passes --steps N)
@@ -114,14 +137,18 @@ def main() -> None:
     parser.add_argument("--pes", default=",".join(PES), help="comma-separated subset of the runs (configs/pe/<name>.yaml)")
     parser.add_argument("--seed", type=int, default=0, help="init and data order of every run; another seed measures the spread")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: one per CPU, at most one per run)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument(
+        "--document-mask", action="store_true", help="attend within documents, positions restarting at each (train.document_mask=true)"
+    )
+    parser.add_argument("--out", type=Path, help="default runs/demo, or runs/demo_document_mask with --document-mask")
     args = parser.parse_args()
+    args.out = args.out or Path("runs/demo_document_mask" if args.document_mask else "runs/demo")
     pes = args.pes.split(",")
     if unknown := [pe for pe in pes if not (REPO_ROOT / "configs" / "pe" / f"{pe}.yaml").exists()]:
         parser.error(f"--pes: no configs/pe/{unknown[0]}.yaml; the demo's are {', '.join(PES)}")
     if len(set(pes)) < len(pes):
         parser.error(f"--pes {args.pes}: each run once (a run's name is its PE's)")
-    evals = [(pe, pe, pe, []) for pe in pes] + ([YARN_EVAL] if "rope" in pes else [])
+    evals = eval_runs(pes, args.document_mask)
     jobs = args.jobs or min(len(pes), os.cpu_count() or 1)
     started = time.perf_counter()
     os.chdir(REPO_ROOT)  # train.py, eval.py, configs/ and the default data root (data/) are relative to it
@@ -134,19 +161,15 @@ def main() -> None:
     data_dir = ensure_prepared(OmegaConf.load(REPO_ROOT / "configs" / "data" / "embedded.yaml"))
     print(f"data: {data_dir}")
 
-    budget = [  # the same for every PE: seed (so data order), steps, batch, schedule
-        "model=tiny", f"train.seq_len={TRAIN_LEN}", f"train.max_steps={args.steps}",
-        f"train.global_batch_size={args.batch_size}", f"train.micro_batch_size={args.batch_size}",
-        f"train.eval_interval={args.steps}", f"train.save_interval={args.steps}", "train.log_interval=10",
-        f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, args.steps // 10)}", f"seed={args.seed}", f"run_root={out}", "overwrite=true",
-    ]  # fmt: skip
+    budget = training_budget(args, out)
     train_jobs = []
     for pe in pes:
         command = [python, "train.py", f"+pe={pe}", *budget, f"run_name={pe}"]
         metrics = out / pe / "metrics.jsonl"
         log = out / "logs" / f"train_{pe}.log"
         train_jobs.append(Job(f"train {pe}", command, log, args.steps, lambda metrics=metrics: last_logged_step(metrics)))
-    run_jobs(f"training {len(pes)} PEs for {args.steps} steps of {args.batch_size} x {TRAIN_LEN} tokens", train_jobs, jobs)
+    masking = ", attention within documents" if args.document_mask else ""
+    run_jobs(f"training {len(pes)} PEs for {args.steps} steps of {args.batch_size} x {TRAIN_LEN} tokens{masking}", train_jobs, jobs)
 
     eval_jobs = []
     for label, name, run, overrides in evals:
@@ -162,7 +185,7 @@ def main() -> None:
     print()
     compare_results.main(
         [*(str(out / "eval" / name / "results.json") for _, name, _, _ in evals), "--output-dir", str(out),
-         "--title", f"tiny model, {args.steps} steps at length {TRAIN_LEN}, seed {args.seed}: perplexity vs length"]
+         "--title", f"tiny model, {args.steps} steps at length {TRAIN_LEN}{masking}, seed {args.seed}: perplexity vs length"]
     )  # fmt: skip
     minutes = (time.perf_counter() - started) / 60
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"

@@ -72,9 +72,14 @@ def test_step_vs_hf():
     assert result["ours_params"] - result["hf_params"] == (2 * 2 + 1) * 128
 
 
-def test_pe_overhead():
+def test_pe_overhead_times_every_pe_against_rope():
     result = pe_overhead.main(["--preset", "tiny", "--batch", "1", "--seq-len", "32", "--vocab", "512", "--warmup", "0", "--repeats", "1"])
-    assert result["ratio_vs_rope"]["rope"] == 1.0 and result["ratio_vs_rope"]["fope"] > 0
+    ratios = result["ratio_vs_rope"]
+    assert list(ratios) == pe_overhead.all_pes() and sorted(ratios) == available() and ratios["rope"] == 1.0
+    assert all(ratio > 0 for ratio in ratios.values())
+    assert pe_overhead.pe_options("fope")["sigma"] == 0.3 and pe_overhead.pe_options("rope") == {}  # configs/pe's
+    with pytest.raises(SystemExit, match="--pes: fop is not a registered position encoding"):
+        pe_overhead.main(["--pes", "rope,fop"])
 
 
 def test_eval_memory_is_linear_in_length():

@@ -1,5 +1,5 @@
 """The model compiles whole, for every registered position encoding: one graph with no breaks (training forward,
-full and chunked loss), no host reads in forward and backward, and torch.compile(fullgraph=True) of forward +
+full and chunked loss, packed documents), no host reads in forward and backward, and torch.compile(fullgraph=True) of forward +
 backward, of an eval forward at 4x the training length and of KV-cached decoding, each equal to eager. The train
 step reads the device once. A new PE cannot regress this: the tests run over the registry.
 
@@ -13,38 +13,52 @@ import pytest
 import torch
 
 from fope_lm.bench.graphs import HostReads, graph_breaks
+from fope_lm.documents import Documents
 from fope_lm.model import KVCache
 from fope_lm.position import available
 
 from helpers.models import tiny
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # ~2 min over the registry, with and without GQA
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # ~3 min over the registry
+
+
+def packed_rows() -> tuple[torch.Tensor, Documents]:
+    """Two rows of 32 tokens holding five documents (EOS = 0), with their documents as the trainer passes them."""
+    ids = torch.randint(1, 256, (2, 33))
+    ids[0, [9, 20]] = 0
+    ids[1, [4, 30]] = 0
+    return ids, Documents.of_tokens(ids[:, :-1], eos_id=0)
+
+
+def training_forwards(documents: Documents) -> list[dict]:
+    """The training forward's variants: full loss, chunked loss, packed documents (masked, positions restarting)."""
+    return [{}, {"loss_chunk_size": 8}, {"doc_ids": documents}]
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("pe", available())
 def test_training_forward_is_one_graph_without_host_reads(pe, n_kv_heads):
     model = tiny(pe, n_kv_heads=n_kv_heads)
-    ids = torch.randint(0, 256, (2, 33))
+    ids, documents = packed_rows()
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    for chunk in (None, 8):
-        report = graph_breaks(model, inputs, labels, loss_chunk_size=chunk)
+    for kwargs in training_forwards(documents):
+        report = graph_breaks(model, inputs, labels, **kwargs)
         assert (report["graphs"], report["breaks"]) == (1, 0), report["reasons"]
         with HostReads() as reads:
-            model(inputs, labels, loss_chunk_size=chunk).loss.backward()
+            model(inputs, labels, **kwargs).loss.backward()
         assert reads.count == 0
 
 
-@pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
+# Each PE once, with grouped-query attention (the general case: MHA is H_kv = H), which the graph test above covers too.
 @pytest.mark.parametrize("pe", available())
-def test_fullgraph_compile_trains_evaluates_long_and_decodes(pe, n_kv_heads):
+def test_fullgraph_compile_trains_evaluates_long_and_decodes(pe):
     torch._dynamo.reset()
-    model = tiny(pe, n_kv_heads=n_kv_heads)
+    model = tiny(pe, n_kv_heads=2)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    ids = torch.randint(0, 256, (2, 33))
-    for chunk in (None, 8):
-        eager = model(ids[:, :-1], ids[:, 1:], loss_chunk_size=chunk).loss
-        loss = compiled(ids[:, :-1], ids[:, 1:], loss_chunk_size=chunk).loss
+    ids, documents = packed_rows()
+    for kwargs in ({}, {"doc_ids": documents}):  # the chunked loss does not depend on the PE: the graph test has it
+        eager = model(ids[:, :-1], ids[:, 1:], **kwargs).loss
+        loss = compiled(ids[:, :-1], ids[:, 1:], **kwargs).loss
         loss.backward()
         torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     model.eval()

@@ -1,10 +1,12 @@
 """The README's first command, `make demo` (scripts/demo.py), end to end on one PE and a few steps."""
 
 import csv
+import importlib.util
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,3 +43,21 @@ def test_demo_rejects_an_unknown_pe_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "--pes: no configs/pe/fop.yaml" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_demo_document_mask_trains_within_documents_and_labels_the_runs(tmp_path):
+    """--document-mask: the same budget plus train.document_mask=true (which test_train.py trains with), labelled."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+        demo = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(demo)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    args = SimpleNamespace(steps=600, batch_size=16, lr=2e-3, seed=0, document_mask=False)
+    plain = demo.training_budget(args, tmp_path)
+    masked = demo.training_budget(SimpleNamespace(**{**vars(args), "document_mask": True}), tmp_path)
+    assert masked == [*plain, "train.document_mask=true"] and not any(o.startswith("train.document") for o in plain)
+    labels = [label for label, *_ in demo.eval_runs(["rope", "alibi"], True)]
+    assert labels == ["rope (doc mask)", "alibi (doc mask)", "rope+yarn(dynamic) (doc mask)"]
+    assert [label for label, *_ in demo.eval_runs(["alibi"], False)] == ["alibi"]

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from scipy.stats import binomtest
@@ -32,6 +33,7 @@ from fope_lm.evaluate import (
     eval_chunks,
     length_eval_hook,
     log_to_wandb,
+    per_document_perplexity,
     perplexity_by_length,
     position_buckets,
     run_evaluation,
@@ -45,6 +47,7 @@ from fope_lm.passkey import evaluate_passkey
 
 from conftest import REPO
 from helpers.evaluation import TRAIN_LEN, InductionOracle, passkey_tokenizer, prepare_passkey_data, repeated_block, train_passkey_model
+from helpers.models import tiny
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +92,36 @@ def test_perplexity_equals_direct_computation(checkpoint, val_tokens):
         assert row["batch_size"] == 512 // length
     # it learned the passkey text: measured 1.01 .. 1.65 over seeds 0-2 x 1 and 2 threads, against 2.97
     assert results[128]["loss"] < 0.5 * math.log(model.config.vocab_size)
+
+
+def test_per_document_perplexity_scores_each_document_alone():
+    """perplexity.per_document: each document's first T tokens through the model alone, losses summed by position
+    within the document; the same numbers from packed rows."""
+    torch.manual_seed(0)
+    model = tiny("alibi").eval()
+    generator = torch.Generator().manual_seed(0)
+    lengths = [3, 40, 7, 90, 1, 25, 64, 26]  # 256 tokens, a multiple of the longest length: all of them are used
+    documents = [torch.cat((torch.randint(1, 256, (n - 1,), generator=generator), torch.tensor([0]))) for n in lengths]
+    stream = torch.cat(documents)
+    results = per_document_perplexity(model, stream, [32, 128], tokens_per_batch=128, eos_id=0, progress=False)
+    for length, row in results.items():
+        loss_sum, by_position, scored = 0.0, torch.zeros(length - 1, dtype=torch.float64), 0
+        with torch.no_grad():
+            for document in documents:
+                cut = document[:length]
+                if cut.numel() < 2:
+                    continue
+                losses = F.cross_entropy(model(cut[None, :-1]).logits[0], cut[1:], reduction="none").double()
+                loss_sum, scored = loss_sum + losses.sum().item(), scored + losses.numel()
+                by_position[: losses.numel()] += losses
+        assert (row["n_documents"], row["scored_tokens"]) == (7, scored)  # the EOS alone has nothing to score
+        assert row["loss"] == pytest.approx(loss_sum / scored, rel=1e-5)
+        first = row["buckets"][0]  # positions [0, L) within the documents
+        assert (first["start"], first["end"]) == (0, 32) and first["loss"] == pytest.approx(
+            by_position[:32].sum().item() / first["scored_tokens"], rel=1e-5
+        )
+    assert results[32]["n_chunks"] > results[128]["n_chunks"]  # documents cut to 32 tokens pack into more rows of 32
+    assert [bucket["start"] for bucket in results[128]["buckets"]] == [0, 32, 64]  # none beyond the longest document
 
 
 def test_every_length_sees_the_same_tokens():

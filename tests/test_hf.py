@@ -40,6 +40,12 @@ CASES = {  # name: (pe, pe_options, other ModelConfig overrides)
     "p_rope": ("p_rope", {}, {}),
     "partial_rope": ("partial_rope", {}, {}),
     "rope_clip": ("rope_clip", {}, {}),
+    "fire": ("fire", {}, {}),
+    "cope": ("cope", {}, {}),
+    "fox": ("fox", {}, {}),
+    "fox_rope": ("fox_rope", {}, {}),
+    "resonance_rope": ("resonance_rope", {}, {}),
+    "resonance-yarn": ("resonance_rope", {"scaling": "yarn", "scale": 4.0}, {}),
 }
 
 

@@ -359,7 +359,7 @@ def test_registry_errors_name_the_problem():
 
 
 # --- the ablation encodings and controls: FoPE switches, rope_clip, p-RoPE, partial RoPE, KERPLE-log ---------
-NEW_PES = ["rope_clip", "p_rope", "partial_rope", "kerple_log"]
+NEW_PES = ["rope_clip", "p_rope", "partial_rope", "kerple_log", "fire", "cope", "fox", "fox_rope", "resonance_rope"]
 
 
 NEW_CONFIGS = NEW_PES + ["fope_noclip", "fope_nomix", "fope_learnable", "fope_pad0", "fope_nocap"]
@@ -542,12 +542,12 @@ def test_kerple_chunked_attention_equals_dense_reference():
     q, k, v = (torch.randn(2, 4, 70, 16) for _ in range(3))
     positions = torch.arange(70)
     expected = dense_attention(q, k, v, kerple.attention_bias(positions, positions), positions, positions)
-    chunked = causal_attention(q, k, v, positions, positions, kerple, bias_chunk_elements=4 * 70 * 3)  # ragged chunks
+    chunked = causal_attention(q, k, v, kerple, q_index=positions, k_index=positions, bias_chunk_elements=2 * 4 * 70 * 3)  # ragged chunks
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
     # a query block at the end of a KV cache
     tail = positions[50:]
     expected = dense_attention(q[:, :, 50:], k, v, kerple.attention_bias(tail, positions), tail, positions)
-    chunked = causal_attention(q[:, :, 50:], k, v, tail, positions, kerple, bias_chunk_elements=4 * 70 * 4)
+    chunked = causal_attention(q[:, :, 50:], k, v, kerple, q_index=tail, k_index=positions, bias_chunk_elements=2 * 4 * 70 * 4)
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -16,6 +16,7 @@ from fope_lm import spectrum
 from fope_lm.checkpoint import save_model
 from fope_lm.errors import DataError
 from fope_lm.model import build_model
+from fope_lm.position import BiasInputs
 from fope_lm.position.fope import kept_frequencies
 
 from conftest import REPO
@@ -45,6 +46,17 @@ def test_spectrum_recovers_known_frequencies_and_the_low_frequency_split():
     assert np.isnan(spectrum.low_frequency_fraction(spectrum.logit_spectrum(np.ones(n))[1], n, L))
 
 
+def dense_bias(attn, x, q, k):
+    """The layer's whole (H or B x H, T, T) logit bias at once (0 without one), content-dependent ones included."""
+    if not attn.pe.has_attention_bias:
+        return torch.zeros(())
+    T = x.shape[1]
+    positions = torch.arange(T)
+    causal = positions[None, :] <= positions[:, None]
+    inputs = BiasInputs(positions, positions, q, k, causal, slice(0, T), attn.pe.token_state(x))
+    return attn.pe.logit_bias(inputs)
+
+
 def dense_layer_curves(model, ids):
     """Reference a_h(d): every layer's dense (B, H, T, T) logits, averaged along each diagonal."""
     captured = []
@@ -59,15 +71,17 @@ def dense_layer_curves(model, ids):
     for attn, x in captured:
         q, k, _ = attn.rotated_qkv(x, positions)
         scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).double()
-        if attn.pe.has_attention_bias:
-            scores = scores + attn.pe.attention_bias(positions, positions).double()
+        scores = scores + dense_bias(attn, x, q, k).double()
         curves.append(torch.stack([scores.diagonal(-dist, -2, -1).mean((0, -1)) for dist in range(T)], -1))
     return torch.stack(curves).detach().numpy(), captured
 
 
-@pytest.mark.parametrize("name", ["fope", "kerple_log"])
+@pytest.mark.parametrize("name", ["fope", "kerple_log", "cope", "fox"])  # rotary, a position bias, content-dependent
 def test_mean_logit_by_distance_matches_dense_reference_and_the_models_attention(name):
     model = tiny(name).eval()
+    if name == "cope":  # its position embeddings start at zero: give them values, so that the bias counts
+        for pe in model.position_encodings():
+            torch.nn.init.normal_(pe.pos_emb)
     ids = torch.randint(0, 256, (3, 128))
     ours, _ = spectrum.mean_logit_by_distance(model, ids, batch_size=2, chunk_elements=4 * 128 * 7)
     reference, captured = dense_layer_curves(model, ids)
@@ -80,8 +94,7 @@ def test_mean_logit_by_distance_matches_dense_reference_and_the_models_attention
     with torch.no_grad():
         q, k, _ = attn.rotated_qkv(x, positions)
         v = attn.qkv(x).view(B, T, 3, attn.n_heads, attn.head_dim)[:, :, 2].transpose(1, 2)
-        bias = attn.pe.attention_bias(positions, positions) if attn.pe.has_attention_bias else 0.0
-        y = dense_attention(q, k, v, bias, positions, positions)
+        y = dense_attention(q, k, v, dense_bias(attn, x, q, k), positions, positions)
         torch.testing.assert_close(attn.out(y.transpose(1, 2).reshape(B, T, D)), attn(x, positions), rtol=1e-5, atol=1e-5)
 
 

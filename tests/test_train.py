@@ -28,17 +28,21 @@ COMPILE_STEPS = 24
 pytestmark = pytest.mark.slow  # every test here launches train.py
 
 
+# FoPE with document masking (attention within documents, positions restarting): the resume tests below hold for it
+REF = [*TINY, "+pe=fope", "train.max_steps=12", "train.save_interval=4", "train.document_mask=true"]
+
+
 @pytest.fixture(scope="module")
 def reference(data_root, runs) -> Path:
-    """12 straight steps of FoPE; checkpoints every 4 steps."""
-    launch([*TINY, "+pe=fope", "run_name=ref", "train.max_steps=12", "train.save_interval=4"], data_root=data_root, runs=runs)
+    """12 straight steps of FoPE with document masking; checkpoints every 4 steps."""
+    launch([*REF, "run_name=ref"], data_root=data_root, runs=runs)
     return runs / "ref"
 
 
 def test_interrupted_run_resumes_bitwise(reference, data_root, runs):
     """SIGTERM, a stop file, a SIGKILL inside a checkpoint write and one between steps: every resume continues at
     the right step and data position, so the per-step losses equal the straight run's bit for bit."""
-    args = [*TINY, "+pe=fope", "run_name=chain", "train.max_steps=12", "train.save_interval=4"]
+    args = [*REF, "run_name=chain"]
     run_dir = runs / "chain"
     go = lambda fault=None, resume="resume=auto", expect_rc=0: launch(  # noqa: E731
         [*args, resume], data_root=data_root, runs=runs, fault=fault, expect_rc=expect_rc
@@ -81,7 +85,7 @@ def test_interrupted_run_resumes_bitwise(reference, data_root, runs):
 
 def test_activation_checkpointing_trains_the_same_run(reference, data_root, runs):
     """train.activation_checkpointing=full recomputes every block in backward: the same 12 steps, bit for bit."""
-    args = [*TINY, "+pe=fope", "run_name=ref-ac", "train.max_steps=12", "train.save_interval=4", "train.activation_checkpointing=full"]
+    args = [*REF, "run_name=ref-ac", "train.activation_checkpointing=full"]
     launch(args, data_root=data_root, runs=runs)
     assert trajectory(runs / "ref-ac") == trajectory(reference)
     assert_same_weights(runs / "ref-ac/checkpoints/step_000012", reference / "checkpoints/step_000012")
@@ -124,7 +128,7 @@ def test_continue_another_runs_checkpoint_then_extend_it(reference, data_root, r
     """resume=<another run's checkpoint> into a new run dir reproduces the original's steps bitwise (a stop file
     left from before it started is removed, not obeyed); resuming it with a longer run, another lr and batch is
     allowed, warned about and recorded."""
-    args = [*TINY, "+pe=fope", "run_name=branch", "train.max_steps=12", "train.save_interval=4"]
+    args = [*REF, "run_name=branch"]
     start = reference / "checkpoints" / "step_000008"
     stale = runs / "branch" / "STOP"
     stale.parent.mkdir()
@@ -163,7 +167,7 @@ def test_resume_auto_sets_aside_checkpoints_that_do_not_load(reference, plan_wit
     ]  # fmt: skip
     assert sum("does not load" in record.message and "moved aside" in record.message for record in caplog.records) == 2
     launch(
-        [*TINY, "+pe=fope", "run_name=damaged", "train.max_steps=12", "train.save_interval=4", "resume=auto"],
+        [*REF, "run_name=damaged", "resume=auto"],
         data_root=data_root,
         runs=runs,
     )
@@ -241,7 +245,8 @@ def assert_healthy_distributed_run(run_dir: Path, steps: int) -> list[dict]:
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     losses = [r["train/loss"] for r in records]
-    # the loss falls: these 24 steps on one process drop it by 1.77 .. 2.12 (seeds 0-2 x 1 and 2 threads)
+    # the loss falls: these 24 steps on one process drop it by 1.77 .. 2.12 (seeds 0-2 x 1 and 2 threads), and with
+    # train.document_mask=true by 1.77 .. 2.13
     assert sum(losses[-4:]) / 4 < losses[0] - 1.0, losses
     rank0, rank1 = digests(run_dir, 0), digests(run_dir, 1)
     assert rank0["end"] == rank1["end"]  # both ranks hold the same weights (FoPE buffers included)
@@ -273,6 +278,13 @@ def test_ddp_two_processes_train_and_resume_bitwise(data_root, runs):
     # activation checkpointing (every other block) under DDP: the same losses
     launch([*DIST, "run_name=ddp-ac", "train.activation_checkpointing=every_2"], data_root=data_root, runs=runs, processes=2)
     assert trajectory(runs / "ddp-ac") == trajectory(runs / "ddp")
+
+    # document masking under DDP: both ranks agree and it trains; rows holding an EOS see less, so other losses
+    masked = [*DIST, "run_name=ddp-docs", "train.document_mask=true", "wandb.mode=offline"]
+    launch(masked, data_root=data_root, runs=runs, processes=2, digests=True)
+    assert_healthy_distributed_run(runs / "ddp-docs", 24)
+    assert "document_positions: restart" in (runs / "ddp-docs" / "config.yaml").read_text()
+    assert trajectory(runs / "ddp-docs") != trajectory(runs / "ddp")
 
 
 def test_deepspeed_zero2_and_zero3_two_processes(data_root, runs):

@@ -273,7 +273,7 @@ def main(argv=None) -> None:
 
 
 def run_groups(suite: Suite, groups: set[str], sizes: Sizes, device: torch.device, mfu_pe: str) -> None:
-    flash_installed = fope_lm.attention.flash_attn_func() is not None
+    flash_installed = fope_lm.attention.flash_attn_funcs() is not None
     suite.write(
         {
             "group": "env",

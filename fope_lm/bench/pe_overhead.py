@@ -1,9 +1,12 @@
-"""FoPE vs RoPE train-step time on the same model, measured side by side in one run.
+"""Train-step time of every position encoding against RoPE on the same model, measured side by side in one run.
 
-FoPE's cos/sin tables are two small einsums per layer beside the matmuls, so the target ratio is 1.0.
+Each PE is built with the options of its configs/pe/<name>.yaml (the registry's defaults where there is none).
+FoPE's cos/sin tables are two small einsums per layer beside the matmuls, so its target ratio is 1.0; the
+additive-bias methods (ALiBi, KERPLE, FIRE, FoX) pay for a float (B, H, Tq, Tk) bias per query chunk and the
+SDPA path that takes it, CoPE also for its gates and cumulative sums over keys.
 
-    python scripts/bench/pe_overhead.py                      # CPU: 20m preset, 4 x 256 tokens
-    python scripts/bench/pe_overhead.py --preset 60m --device cuda --dtype bf16 --batch 16 --seq-len 1024
+    python scripts/bench/pe_overhead.py                      # CPU: 20m preset, 4 x 256 tokens, every PE
+    python scripts/bench/pe_overhead.py --pes rope,fope --preset 60m --device cuda --dtype bf16 --batch 16 --seq-len 1024
 """
 
 from __future__ import annotations
@@ -11,17 +14,35 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from fope_lm.bench.common import make_train_step, pick_device, print_table, time_interleaved
 from fope_lm.model import build_model
+from fope_lm.position import available
+
+PE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pe"
+
+
+def pe_options(pe: str) -> dict:
+    """The options configs/pe/<pe>.yaml gives the registered encoding `pe` (none when the file is absent)."""
+    path = PE_CONFIGS / f"{pe}.yaml"
+    options = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+    assert isinstance(options, dict)
+    return {key: value for key, value in options.items() if key != "name"}
+
+
+def all_pes() -> list[str]:
+    """RoPE (the baseline) first, then every other registered encoding."""
+    return ["rope", *(pe for pe in available() if pe != "rope")]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="20m")
-    parser.add_argument("--pes", default="rope,fope", help="comma-separated; the first is the baseline")
+    parser.add_argument("--pes", default="all", help="comma-separated, the first is the baseline; all: rope, then every registered PE")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -42,7 +63,7 @@ def compare(
     steps = {}
     for pe in pes:
         with device:  # initialised where it runs: a 1b model's init on the CPU takes longer than its benchmark
-            model = build_model(preset, pe=pe, vocab_size=vocab, max_seq_len=seq_len)
+            model = build_model(preset, pe=pe, pe_options=pe_options(pe), vocab_size=vocab, max_seq_len=seq_len)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         steps[pe] = make_train_step(model, lambda m: m(ids[:, :-1], ids[:, 1:]).loss, optimizer, device, dtype)
     medians = time_interleaved(steps, warmup, repeats)
@@ -61,7 +82,9 @@ def compare(
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
-    pes = args.pes.split(",")
+    pes = all_pes() if args.pes == "all" else args.pes.split(",")
+    if unknown := sorted(set(pes) - set(available())):
+        raise SystemExit(f"--pes: {unknown[0]} is not a registered position encoding; the registry has {', '.join(available())}")
     result = compare(
         args.preset,
         pes,

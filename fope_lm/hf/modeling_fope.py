@@ -43,10 +43,21 @@ def model_config(config: FopeConfig) -> ModelConfig:
 
 
 class CacheView:
-    """fope_lm's KV-cache interface (`length`, `update(layer, k, v)`) over a transformers DynamicCache."""
+    """fope_lm's KV-cache interface (`length`, `update(layer, k, v)`, `update_state(layer, state)`) over a
+    transformers DynamicCache. A position encoding's token state (FoX's forget gates) has no slot in a DynamicCache,
+    so it rides along on the cache object, one tensor per layer."""
+
+    STATES = "fope_token_states"
 
     def __init__(self, cache: DynamicCache):
         self.cache = cache
+        if not hasattr(cache, self.STATES):
+            setattr(cache, self.STATES, {})
+
+    def update_state(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        states = getattr(self.cache, self.STATES)
+        states[layer] = state if layer not in states else torch.cat((states[layer], state), dim=-1)
+        return states[layer]
 
     @property
     def length(self) -> int:

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fope_lm.position.base import PositionEncoding
+from fope_lm.position.base import PositionEncoding, relative_distance
 from fope_lm.position.registry import register
 
 
@@ -41,5 +41,5 @@ class AlibiPositionEncoding(PositionEncoding):
         return True
 
     def attention_bias(self, q_positions, k_positions):
-        distance = (q_positions[:, None] - k_positions[None, :]).to(torch.float32)  # i - j
+        distance = relative_distance(q_positions, k_positions)  # i - j, (1, Tq, Tk) or (B, 1, Tq, Tk)
         return -self._slopes.to(distance.device)[:, None, None] * distance

@@ -1,8 +1,11 @@
 """The interface every position encoding implements, and the rotary machinery shared by RoPE/YaRN/FoPE.
 
-One instance lives in each attention layer. The model calls only two things:
+One instance lives in each attention layer. The model calls only these:
   - `rotate_qk(q, k, positions)`: position-dependent transform of queries and keys (identity by default);
-  - `attention_bias(q_positions, k_positions)`: an additive (heads, Tq, Tk) float32 logit bias, or None.
+  - `token_state(x)`: per-token state computed from the layer input (FoX's forget gates), cached with the keys;
+  - `logit_bias(inputs)`: an additive float32 logit bias for a block of queries against every key, or None. It
+    sees the positions, and content-dependent encodings (CoPE, FoX) also the queries, keys and token state
+    (`BiasInputs`); position-only encodings implement `attention_bias(q_positions, k_positions)` instead.
 
 Nothing here needs a tensor's value on the host, so a forward traces into one graph (docs/ARCHITECTURE.md):
 `Positions` describes the common case, a contiguous range, by Python ints (start, length), and per-token positions
@@ -50,6 +53,19 @@ class Positions:
         return cls(0, positions.shape[-1], per_token=positions)
 
 
+@dataclass(frozen=True)
+class BiasInputs:
+    """What a logit bias may read, for a block of Tq queries (the last ones, at the end of the keys) against all Tk keys."""
+
+    q_positions: torch.Tensor  # (Tq,) or (B, Tq) int64: the encoding's positions of the queries
+    k_positions: torch.Tensor  # (Tk,) or (B, Tk)
+    q: torch.Tensor  # (B, H, Tq, Dh) after rotate_qk
+    k: torch.Tensor  # (B, H, Tk, Dh) after rotate_qk, repeated to the H query heads
+    mask: torch.Tensor  # (Tq, Tk) or (B, Tq, Tk) bool: True where the query may attend the key (causal, same document)
+    q_rows: slice  # the queries' indices among the keys (queries are the last keys: a KV cache, a query chunk)
+    k_state: torch.Tensor | None = None  # token_state of the keys (B, S, Tk); the queries' are its q_rows
+
+
 class PositionEncoding(nn.Module):
     """Base class: no positional signal at all (NoPE's behaviour). Subclasses override what they change."""
 
@@ -73,13 +89,29 @@ class PositionEncoding(nn.Module):
         (default: the positions' end)."""
         return q, k
 
+    def token_state(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-token state (B, S, T) float32 computed from the layer input x (B, T, D), which `logit_bias` reads for
+        queries and keys alike; a KV cache keeps it beside the keys. None: the encoding has none."""
+        return None
+
+    def logit_bias(self, inputs: BiasInputs) -> torch.Tensor | None:
+        """Additive float32 logit bias (H, Tq, Tk) or (B, H, Tq, Tk) for a block of queries against every key, or None.
+        Position-only encodings leave this as it is and implement `attention_bias`."""
+        return self.attention_bias(inputs.q_positions, inputs.k_positions)
+
     def attention_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
-        """Additive float32 logit bias of shape (heads, Tq, Tk), or None. Must be cheap to call per query chunk."""
+        """A bias that depends on positions only: (H, Tq, Tk) for positions (Tq,), (Tk,), and (B, H, Tq, Tk) for
+        per-token positions (B, Tq), (B, Tk). Must be cheap to call per query chunk."""
         return None
 
     @property
     def has_attention_bias(self) -> bool:
         return False
+
+    @property
+    def bias_memory(self) -> int:
+        """Float32 tensors of the bias's shape that computing it holds at once (the query chunk is sized by it)."""
+        return 1
 
     @property
     def alibi_slopes(self) -> torch.Tensor | None:
@@ -106,6 +138,12 @@ class PositionEncoding(nn.Module):
         """
         self.load_state_dict(state, strict=True)
         return []
+
+
+def relative_distance(q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
+    """i - j in float32 with a heads axis to broadcast over: (1, Tq, Tk) for positions (Tq,), (Tk,), and
+    (B, 1, Tq, Tk) for per-token positions (B, Tq), (B, Tk)."""
+    return (q_positions[..., :, None] - k_positions[..., None, :]).to(torch.float32).unsqueeze(-3)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fope_lm.position.base import PositionEncoding
+from fope_lm.position.base import PositionEncoding, relative_distance
 from fope_lm.position.registry import register
 
 INIT_FLOOR = 1e-2  # the reference's clamp, applied here to the initial values only
@@ -56,7 +56,7 @@ class KerpleLogPositionEncoding(PositionEncoding):
         return True
 
     def attention_bias(self, q_positions, k_positions):
-        distance = (q_positions[:, None] - k_positions[None, :]).abs().to(torch.float32)  # |i - j|, (Tq, Tk)
+        distance = relative_distance(q_positions, k_positions).abs()  # |i - j|, (1, Tq, Tk) or (B, 1, Tq, Tk)
         r1, r2 = self.r1[:, None, None], self.r2[:, None, None]
         return -r1 * torch.log1p(r2 * distance)  # (H, Tq, Tk)
 

@@ -54,7 +54,8 @@ RNG_STATE = "rng_rank{rank}.pt"
 # Settings a resumed run may change (a run gets extended, its batch or schedule adjusted): warned and recorded.
 RESUME_MAY_CHANGE = (
     "train.global_batch_size", "train.max_steps", "optim.lr", "optim.warmup_steps", "optim.alpha_f",
-    "train.document_mask", "train.document_positions",
+    "train.document_mask", "train.document_positions", "train.instance_filter", "train.repetition_max_period",
+    "train.repetition_min_period", "train.repetition_max_count",
 )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fope_lm.data.instance_filter import RepetitionFilter
 from fope_lm.errors import ConfigError
 from fope_lm.model import ModelConfig, Transformer, preset_config
 from fope_lm.schema import Choice
@@ -93,6 +94,10 @@ class TrainSection:
     activation_checkpointing: str = MISSING  # none | full | every_<n>
     document_mask: bool = MISSING  # attention within each document of a packed row (fope_lm.documents)
     document_positions: str | None = MISSING  # global | restart (at each document); null: restart when masking
+    instance_filter: bool = MISSING  # OLMo's repetition filter: rows with a long repeated n-gram leave the loss
+    repetition_max_period: int = MISSING
+    repetition_min_period: int = MISSING
+    repetition_max_count: int = MISSING
 
     @property
     def restart_positions(self) -> bool:
@@ -102,6 +107,10 @@ class TrainSection:
     def uses_documents(self) -> bool:
         """The forward needs the documents of each row (to mask attention, or to restart positions)."""
         return self.document_mask or self.restart_positions
+
+    @property
+    def repetition_filter(self) -> RepetitionFilter:
+        return RepetitionFilter(self.repetition_max_period, self.repetition_min_period, self.repetition_max_count)
 
     @property
     def checkpoint_every(self) -> int:
@@ -129,6 +138,10 @@ class TrainSection:
             self.document_positions = "restart" if self.document_mask else "global"
         if self.document_positions not in ("global", "restart"):
             raise ConfigError(f"train.document_positions must be global, restart or null, got {self.document_positions!r}")
+        try:
+            self.repetition_filter  # noqa: B018  # validates the three repetition_* values
+        except ValueError as err:
+            raise ConfigError(f"train.{err}") from None
         if self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be at least 1, got {self.max_steps}")
         if self.grad_clip is not None and not self.grad_clip > 0:  # a negative max norm flips the gradient's sign

@@ -9,6 +9,8 @@ FOPE_FAULT=<kind>:<step>[:<rank>] (every rank when no rank is given):
   nan_loss_at_step      make step N's loss NaN (on_nonfinite handling)
   hold_at_step          as step N starts, wait until a stop is requested (so a test can signal a run that is
                         certainly still running, and knows the step it stops at)
+FOPE_FAULT=prepare_kill_after_units:<n>: SIGKILL a data prepare (fope_lm.data.prepare) once n units are newly
+  tokenized, so a test can resume it.
 FOPE_DEBUG_DIGESTS=1: every rank writes sha256 digests of its model tensors at the start and end of training
   to <run_dir>/debug/digests_rank<r>.json (to compare ranks, and weights carried by init_from).
 """

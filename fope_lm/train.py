@@ -229,12 +229,14 @@ class Trainer:
             plan.data, train.seq_len, train.batch_size, seed=self.config.seed, rank=plan.rank, world_size=plan.world_size
         )
         self.val_chunks = self._validation_shard()
-        self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
+        self.step, self.tokens_seen, self.skipped_steps, self.filtered_instances = 0, 0, 0, 0
+        self.instance_filter = train.repetition_filter if train.instance_filter else None
         set_seed(self.config.seed, device_specific=True)  # from here on, each rank draws its own random numbers
         if plan.resume_from is not None:
             state = self.checkpointer.restore(plan.resume_from, self.model, self.optimizer, world_size=plan.world_size)
             self.batches.load_state_dict(state["data"])
             self.step, self.tokens_seen, self.skipped_steps = state["step"], state["tokens_seen"], state["skipped_steps"]
+            self.filtered_instances = state.get("filtered_instances", 0)  # absent from checkpoints of older code
             log.info("resumed %s at step %d (%d tokens seen)", plan.resume_from, self.step, self.tokens_seen)
         self.callbacks = self._callbacks()
 
@@ -337,8 +339,14 @@ class Trainer:
         set_learning_rate(self.optimizer, lr)  # before backward: DeepSpeed steps inside the last one
 
         batch = self.batches.next_batch()  # on the host: its documents are found there, without a device read
-        labels = batch[:, 1:].to(self.device)
-        global_targets = accelerator.reduce((labels != -100).sum(), reduction="sum")
+        labels = batch[:, 1:].clone()
+        filtered = 0
+        if self.instance_filter is not None:  # OLMo's: a filtered row stays in the batch, out of the loss
+            dropped = torch.from_numpy(~self.instance_filter.keep(batch.numpy()))
+            labels[dropped] = -100
+            filtered = int(dropped.sum())
+        labels = labels.to(self.device)
+        global_targets = accelerator.reduce((labels != -100).sum(), reduction="sum").clamp_min(1)  # all filtered: no loss
         # accelerate divides each micro-batch loss by grad_accum and DDP/DeepSpeed average over ranks: undo both,
         # so the gradient is sum(token losses) / global_targets.
         scale = self.plan.grad_accum * self.plan.world_size / global_targets
@@ -356,11 +364,13 @@ class Trainer:
         # one tiny all-reduce (the step's loss over all ranks, and whether any rank was asked to stop), then the step's
         # one read of the device: loss, stop votes, target count and grad norm together
         stop_flag = torch.tensor(float(self.callbacks.stop_requested()), device=self.device)
-        loss_and_votes = accelerator.reduce(torch.stack((loss_sum, stop_flag)), reduction="sum")
+        filtered_here = torch.tensor(float(filtered), device=self.device)
+        loss_and_votes = accelerator.reduce(torch.stack((loss_sum, stop_flag, filtered_here)), reduction="sum")
         # DDP / one process: a tensor; DeepSpeed: its engine's norm, a float it has read itself (or None)
         norm_or_zero = torch.as_tensor(0.0 if norm is None else norm, device=self.device)
         host = torch.cat((loss_and_votes.double(), global_targets.double()[None], norm_or_zero.double()[None])).tolist()
-        loss_total, stop_votes, targets, norm_value = host
+        loss_total, stop_votes, filtered_total, targets, norm_value = host
+        self.filtered_instances += int(filtered_total)
         loss, grad_norm = loss_total / targets, None if norm is None else norm_value
         # every rank decides alike: the loss is all-reduced and the grad norm is of the all-reduced gradients.
         # (DeepSpeed has stepped already; `on_nonfinite=stop` then exits before anything is saved.)
@@ -426,6 +436,8 @@ class Trainer:
             "train/tokens": self.tokens_seen,
             "train/skipped_steps": self.skipped_steps,
         }
+        if self.instance_filter is not None:
+            metrics["train/filtered_instances"] = self.filtered_instances  # since the run began, over all ranks
         return metrics | ({"train/grad_norm": result.grad_norm} if result.grad_norm is not None else {})
 
     def save(self, step: int) -> None:
@@ -437,6 +449,7 @@ class Trainer:
                 "step": step,
                 "tokens_seen": self.tokens_seen,
                 "skipped_steps": self.skipped_steps,
+                "filtered_instances": self.filtered_instances,
                 "data": self.batches.state_dict(),
                 "world_size": self.plan.world_size,
                 "deepspeed": self.checkpointer.deepspeed,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fope_lm.bench import compile_step, eval_memory, gpu_suite, pe_overhead, step_vs_hf
+from fope_lm.bench import compile_step, eval_memory, gpu_suite, pe_overhead, prepare_throughput, step_vs_hf
 from fope_lm.model import build_model
 from fope_lm.position import available
 
@@ -111,3 +111,10 @@ def test_compile_step_reports_graphs_and_activation_memory(tmp_path):
     assert all((row["graphs"], row["breaks"]) == (1, 0) for row in results["graphs"].values())
     ratios = results["memory"]["ratio_to_none"]
     assert ratios["none"] == 1.0 and ratios["full"] < ratios["every_2"] < 1.0
+
+
+def test_prepare_throughput_counts_the_same_tokens_each_way(capsys):
+    result = prepare_throughput.main(["--mb", "0.3", "--files", "2", "--unit-documents", "100"])
+    assert set(result["tokens_per_s"]) == {"tokenizer batch encode (ceiling)", "prepare_data.py, num_proc 1", "prepare_data.py, num_proc 2"}
+    assert result["ratio_vs_ceiling"]["tokenizer batch encode (ceiling)"] == 1.0 and result["hours_for_10b_tokens"]["hours"] > 0
+    assert "10B tokens at the num_proc 2 rate per process on 32 cores" in capsys.readouterr().out

@@ -21,6 +21,7 @@ class DataSource(Choice):
     embedded = "embedded"  # this Python's standard-library docs, offline
     hf = "hf"  # a Hugging Face Hub dataset, streamed
     files = "files"  # local txt/jsonl/parquet
+    npy = "npy"  # OLMo's pre-tokenized token files, used in place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class DataConfig:
     max_tokens_train: Optional[int] = None
     max_tokens_validation: Optional[int] = None
     validation_every: int = 10  # without a validation split, every n-th document is held out
+    dtype: Optional[str] = None  # source=npy: the files' token dtype, uint16 (the default) or uint32
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)  # frozen: the normalised values are set once, here
@@ -50,8 +52,19 @@ class DataConfig:
             set_field("tokenizer", DEFAULT_TOKENIZER)
         if self.source == DataSource.hf and not self.hf_path:
             raise ConfigError("data.source=hf needs hf_path (a Hugging Face dataset id such as allenai/c4)")
-        if self.source == DataSource.files:
+        if self.source in (DataSource.files, DataSource.npy):
             set_field("paths", _split_paths(self.paths))
+        if self.source == DataSource.npy:
+            if "validation" not in self.paths:
+                raise ConfigError(
+                    "data.source=npy needs paths.validation too (token files are used in place, not split): "
+                    "e.g. paths.validation=[/data/c4-val/*.npy]"
+                )
+            set_field("dtype", self.dtype or "uint16")
+            if self.dtype not in ("uint16", "uint32"):
+                raise ConfigError(f"data.dtype must be uint16 or uint32 (the token files' dtype), got {self.dtype!r}")
+        elif self.dtype is not None:
+            raise ConfigError(f"data.dtype applies to source=npy only (prepare picks the dtype of the shards it writes), got {self.dtype!r}")
         for key in ("max_tokens_train", "max_tokens_validation"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"data.{key} must be a positive integer or null, got {getattr(self, key)!r}")
@@ -73,17 +86,21 @@ class DataConfig:
         """Everything that determines the prepared data (all fields but `root`), as recorded in metadata.json."""
         values = dataclasses.asdict(self) | {"source": str(self.source)}
         del values["root"]
+        if values["dtype"] is None:  # dirs prepared before the field existed have no such key
+            del values["dtype"]
         return values
 
 
 def _split_paths(paths) -> dict[str, list[str]]:
     """Accept one path, a list (all train) or a mapping split -> path(s); always return split -> list."""
+    if isinstance(paths, Mapping):  # a split given as null (a config's placeholder for overrides) is absent
+        paths = {split: files for split, files in paths.items() if files is not None}
     if isinstance(paths, str):
         paths = {"train": [paths]}
     elif isinstance(paths, list | tuple):
         paths = {"train": list(paths)}
     if not isinstance(paths, Mapping) or not paths.get("train"):
-        raise ConfigError("data.source=files needs paths.train, e.g. paths.train=[corpus/*.jsonl]")
+        raise ConfigError("data.source=files and npy need paths.train, e.g. paths.train=[corpus/*.jsonl]")
     if unknown := sorted(set(paths) - {"train", "validation"}):
         raise ConfigError(f"data.paths has splits {unknown}; only train and validation are read")
     return {split: [files] if isinstance(files, str) else [str(f) for f in files] for split, files in paths.items()}

@@ -1,7 +1,7 @@
 """The on-disk format of a prepared dataset, shared by the writer (`prepare`) and the reader (`TokenData`).
 
 A prepared dir holds flat token shards `<split>_00000.bin, ...` (raw uint16 or uint32 ids; the documents of a
-split joined with an EOS after each), the tokenizer that made them in `tokenizer/`, and `metadata.json`,
+split joined with an EOS after each; for source=npy, absolute paths of token files used in place), the tokenizer that made them in `tokenizer/`, and `metadata.json`,
 which is written last: a dir with a metadata.json is complete. `verified/<hostname>.json` records the files a
 machine has re-hashed against metadata.json (written by the first reader there, or by prepare itself).
 """
@@ -51,7 +51,7 @@ def compute_fingerprint(metadata: dict) -> str:
         digest.update(python.encode())
     for split in SPLITS:
         for shard in metadata["splits"][split]["shards"]:
-            digest.update(f"{shard['file']}:{shard['sha256']}".encode())
+            digest.update(f"{Path(shard['file']).name}:{shard['sha256']}".encode())  # a file's name, not where it lies
     return digest.hexdigest()
 
 

@@ -5,14 +5,21 @@ Sources: the embedded corpus (offline), a Hugging Face Hub dataset (streamed), o
 Preparing is deterministic: the same input, tokenizer and versions give byte-identical shards and fingerprint.
 """
 
+import collections
+import fcntl
+import functools
 import glob
 import hashlib
 import itertools
+import json
 import logging
+import math
+import multiprocessing
 import os
 import platform
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import fope_lm
 from fope_lm.data import embedded
-from fope_lm.data.config import DataConfig, prepare_command
+from fope_lm.data.config import DEFAULT_TOKENIZER, DataConfig, DataSource, prepare_command
 from fope_lm.data.dataset import TokenData
 from fope_lm.data.format import (
     FORMAT_VERSION,
@@ -40,6 +47,7 @@ from fope_lm.data.format import (
     sha256_file,
     shard_file,
     token_dtype,
+    write_json,
     write_metadata,
 )
 from fope_lm.errors import ConfigError, DataError
@@ -48,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_TOKENS = 2**30  # 2 GiB per uint16 shard
 ENCODE_BATCH = 1000  # documents per tokenizer call
+UNIT_DOCUMENTS = 20_000  # documents per resumable unit of an in-memory source (a streamed one: its own shards)
+_SCAN_TOKENS = 2**24  # tokens per chunk when hashing a token file in place (flat memory)
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".lz4"}  # `datasets` decompresses these on the fly
 
@@ -57,13 +67,17 @@ def prepare(
     *,
     num_proc: int = 1,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    unit_documents: int = UNIT_DOCUMENTS,
     overwrite: bool = False,
 ) -> Path:
     """Tokenize the source of `data_cfg` into its prepared dir (shards, metadata.json, tokenizer/) and return it.
 
-    An already prepared dir is returned as is unless `overwrite`. The work happens in a hidden sibling dir that is
-    renamed into place at the end, so a killed prepare never leaves a dir that looks complete, and concurrent
-    prepares of one config (two ranks, say) all end with the same complete dir.
+    An already prepared dir is returned as is unless `overwrite`. Text is tokenized unit by unit (a streamed
+    source's shards, or `unit_documents` documents at a time) in `num_proc` processes into a work dir named by the
+    config, so a killed prepare continues from its finished units; the shards are then assembled in unit order (the
+    same bytes for any num_proc) in a hidden sibling dir renamed into place at the end, so a killed prepare never
+    leaves a dir that looks complete. Concurrent prepares of one config (two ranks, say) take turns on a lock and
+    all end with the same complete dir.
     """
     cfg = DataConfig.from_cfg(data_cfg)
     out_dir = cfg.prepared_dir
@@ -73,17 +87,38 @@ def prepare(
         return out_dir
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None  # before any download: fail fast
-    texts, source = _load_texts(cfg)
-    if tokenizer is None:
-        tokenizer = embedded.train_embedded_tokenizer(texts["train"][cfg.text_field])
+    if cfg.source == DataSource.npy:
+        assert tokenizer is not None  # DataConfig sets the default tokenizer for every source but embedded
+        build = functools.partial(_index_token_files, cfg=cfg, tokenizer=tokenizer)
+    else:
+        texts, source = _load_texts(cfg)
+        if tokenizer is None:
+            tokenizer = embedded.train_embedded_tokenizer(texts["train"][cfg.text_field])
+        build = functools.partial(
+            _write_dataset, cfg=cfg, texts=texts, tokenizer=tokenizer, source=source, num_proc=num_proc, shard_tokens=shard_tokens,
+            unit_documents=unit_documents,
+        )  # fmt: skip
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # unique per process
-    staging.mkdir()
-    try:
-        metadata = _write_dataset(staging, cfg, texts, tokenizer, source, num_proc, shard_tokens)
-        _publish(staging, out_dir, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # already gone once published
+    work = _work_dir(cfg)
+    lock_file = work.with_name(work.name + ".lock")
+    with open(lock_file, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one prepare of a config at a time: a second (rank) waits, then finds it done
+        if is_prepared(out_dir) and not overwrite:
+            logger.info(f"{out_dir} was prepared by another process meanwhile; using that copy")
+            return out_dir
+        staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # unique per process
+        staging.mkdir()
+        try:
+            metadata = build(staging)
+            _publish(staging, out_dir, overwrite)
+        except DataError:  # the input is at fault: a rerun would fail the same way, so nothing is kept to resume
+            shutil.rmtree(work, ignore_errors=True)
+            lock_file.unlink()
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # already gone once published
+        shutil.rmtree(work, ignore_errors=True)  # the tokenized units, now in the published shards
+        lock_file.unlink()  # a process waiting on it holds it open: it takes the lock next and finds the dir done
     TokenData(out_dir, verify=False).mark_verified()  # its shards were hashed as they were written
     splits = metadata["splits"]
     logger.info(
@@ -220,24 +255,30 @@ def _file_builder(paths: dict[str, list[str]]) -> str:
     return str(builders.pop())
 
 
-def _write_dataset(out_dir, cfg, texts, tokenizer, source, num_proc, shard_tokens) -> dict:
-    tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)  # training and eval load it from here, offline
+def _save_tokenizer(out_dir: Path, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
+    """tokenizer/ of a prepared dir, which training and eval load offline; its tokenizer.json (hashed in metadata)."""
+    tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
     tokenizer_file = out_dir / TOKENIZER_DIR / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise DataError(f"tokenizer {cfg.tokenizer!r} has no tokenizers backend (no tokenizer.json): use a fast one")
+    return tokenizer_file
+
+
+def _write_dataset(out_dir, *, cfg, texts, tokenizer, source, num_proc, shard_tokens, unit_documents) -> dict:
+    tokenizer_file = _save_tokenizer(out_dir, cfg, tokenizer)
     vocab_size = len(tokenizer)
     max_tokens = {"train": cfg.max_tokens_train, "validation": cfg.max_tokens_validation}
-    splits = {
-        split: _write_split(
-            out_dir,
-            split,
-            _encode(texts[split], tokenizer, cfg.text_field, num_proc),
-            vocab_size,
-            max_tokens[split],
-            shard_tokens,
-        )
-        for split in SPLITS
-    }
+    work = _work_dir(cfg)
+    splits = {}
+    for split in SPLITS:
+        units = _Units(texts[split], cfg.text_field, unit_documents)
+        pieces = _encode_units(work / split, units, tokenizer, token_dtype(vocab_size), max_tokens[split], num_proc)
+        splits[split] = _assemble(out_dir, split, pieces, token_dtype(vocab_size), max_tokens[split], shard_tokens, tokenizer.eos_token_id)
+    return _write_metadata(out_dir, cfg, source, tokenizer, tokenizer_file, token_dtype(vocab_size), splits)
+
+
+def _write_metadata(out_dir, cfg, source, tokenizer, tokenizer_file, dtype, splits) -> dict:
+    """metadata.json (written last: a dir with one is complete), with the fingerprint over tokenizer and shards."""
     metadata = {
         "format_version": FORMAT_VERSION,
         "name": cfg.name,
@@ -247,11 +288,11 @@ def _write_dataset(out_dir, cfg, texts, tokenizer, source, num_proc, shard_token
             "name": cfg.tokenizer or embedded.TOKENIZER_NAME,
             "path": TOKENIZER_DIR,
             "sha256": sha256_file(tokenizer_file),
-            "vocab_size": vocab_size,
+            "vocab_size": len(tokenizer),
             "eos_id": tokenizer.eos_token_id,
             "pad_id": tokenizer.pad_token_id,
         },
-        "dtype": token_dtype(vocab_size).name,
+        "dtype": np.dtype(dtype).name,
         "max_token_id": max(split["max_token_id"] for split in splits.values()),
         "splits": splits,
         "versions": {
@@ -268,59 +309,192 @@ def _write_dataset(out_dir, cfg, texts, tokenizer, source, num_proc, shard_token
     return metadata
 
 
-def _encode(texts, tokenizer: PreTrainedTokenizerBase, text_field: str, num_proc: int):
-    """The documents as token ids (column input_ids), each followed by EOS, in the source's order.
-
-    A Dataset is tokenized here, in `num_proc` processes; a streamed IterableDataset lazily, batch by batch.
-    """
-    eos_id = tokenizer.eos_token_id
-
-    def encode(batch):
-        documents = [text for text in batch[text_field] if text]  # an empty document would only add a lone EOS
-        encoded = tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []
-        return {"input_ids": [ids + [eos_id] for ids in encoded]}
-
-    columns = texts.column_names  # None for some streamed datasets
-    if columns is not None and text_field not in columns:
-        raise DataError(f"the documents have no column {text_field!r} (columns: {', '.join(columns)}): set text_field")
-    # Streaming reads one shard at a time; the tokenizer's own threads parallelize each batch.
-    workers = {} if isinstance(texts, datasets.IterableDataset) else {"num_proc": num_proc if num_proc > 1 else None}
-    return texts.map(encode, batched=True, batch_size=ENCODE_BATCH, remove_columns=columns, **workers)
+def _index_token_files(out_dir: Path, *, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """source=npy: OLMo-style token files (headerless flat memmaps, documents ending with EOS) listed in place. The
+    prepared dir holds the tokenizer and metadata.json, whose shards are the files' absolute paths; each file is
+    hashed and scanned once, here."""
+    tokenizer_file = _save_tokenizer(out_dir, cfg, tokenizer)
+    dtype = np.dtype(str(cfg.dtype))
+    files = _match_files(cfg.paths)
+    splits = {split: _index_split(files[split], dtype, tokenizer, cfg) for split in SPLITS}
+    source = {"description": f"token files used in place: {cfg.paths}", "validation": "the validation files"}
+    return _write_metadata(out_dir, cfg, source, tokenizer, tokenizer_file, dtype, splits)
 
 
-def _write_split(out_dir, split, tokenized, vocab_size, max_tokens, shard_tokens) -> dict:
-    """Write the token stream of one split, stopping after `max_tokens` (the last document is cut there)."""
-    dtype = token_dtype(vocab_size)
-    num_tokens = num_documents = max_token_id = 0
-    writer = _ShardWriter(out_dir, split, dtype, shard_tokens)
-    with writer, tqdm(total=max_tokens, desc=f"writing {split}", unit="tok", unit_scale=True) as progress:
-        for batch in tokenized.iter(batch_size=ENCODE_BATCH):
-            documents = batch["input_ids"]
-            lengths = np.array([len(ids) for ids in documents], dtype=np.int64)
-            tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int64, count=int(lengths.sum()))
-            if max_tokens is not None and num_tokens + tokens.size >= max_tokens:
-                room = max_tokens - num_tokens
-                lengths = lengths[np.cumsum(lengths) - lengths < room]  # the documents that start before the cap
-                tokens = tokens[:room]
-            if tokens.size == 0:
+def _index_split(paths: list[str], dtype: np.dtype, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict:
+    shards, num_documents, max_token_id = [], 0, 0
+    vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
+    for name in paths:
+        path = Path(name).resolve()
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            if file.read(6) == b"\x93NUMPY":
+                raise DataError(
+                    f"{path} has a NumPy header (np.save); source=npy reads headerless token files (OLMo's memmaps): "
+                    "rewrite it with np.load(path).tofile(new_path)"
+                )
+        if size == 0 or size % dtype.itemsize:
+            raise DataError(f"{path} has {size} bytes, not a whole number of {dtype.name} tokens: check data.dtype (uint16 or uint32)")
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        digest, file_max = hashlib.sha256(), 0
+        for start in tqdm(range(0, tokens.size, _SCAN_TOKENS), desc=f"hashing {path.name}", unit="chunk", leave=False):
+            chunk = np.asarray(tokens[start : start + _SCAN_TOKENS])
+            digest.update(chunk.tobytes())
+            file_max = max(file_max, int(chunk.max()))
+            num_documents += int(np.count_nonzero(chunk == eos_id))
+        if file_max >= vocab_size:
+            raise DataError(
+                f"{path} holds token id {file_max}, beyond the {vocab_size} ids of tokenizer {cfg.tokenizer!r}: set "
+                f"tokenizer= to the one that made these files (OLMo's: {DEFAULT_TOKENIZER}), or data.dtype if it is not {dtype.name}"
+            )
+        max_token_id = max(max_token_id, file_max)
+        shards.append({"file": str(path), "num_tokens": int(tokens.size), "sha256": digest.hexdigest()})
+        del tokens  # unmap
+    return {"num_tokens": sum(s["num_tokens"] for s in shards), "num_documents": num_documents, "max_token_id": max_token_id, "shards": shards}
+
+
+def _work_dir(cfg: DataConfig) -> Path:
+    """Where the tokenized units of a prepare are kept until it is published: named by the config, so a killed
+    prepare of the same config continues from its finished units, and another config never reads them."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return cfg.prepared_dir.parent / f".{cfg.prepared_dir.name}.work-{digest}"
+
+
+class _Units:
+    """A split's documents cut into units, the steps a prepare resumes by and its workers share out: a streamed
+    dataset's own shards (its files), or runs of `unit_documents` documents of an in-memory one. The units and
+    their order depend on the source alone, never on the number of workers."""
+
+    def __init__(self, texts, text_field: str, unit_documents: int):
+        columns = texts.column_names  # None for some streamed datasets
+        if columns is not None and text_field not in columns:
+            raise DataError(f"the documents have no column {text_field!r} (columns: {', '.join(columns)}): set text_field")
+        self.texts, self.text_field, self.unit_documents = texts, text_field, unit_documents
+        self.streamed = isinstance(texts, datasets.IterableDataset)
+        self.count = texts.num_shards if self.streamed else max(1, math.ceil(len(texts) / unit_documents))
+
+    def documents(self, index: int):
+        """Batches of the unit's document texts, in order."""
+        if self.streamed:
+            unit = self.texts.shard(num_shards=self.count, index=index, contiguous=True)
+            for batch in unit.iter(batch_size=ENCODE_BATCH):
+                yield batch[self.text_field]
+            return
+        stop = min((index + 1) * self.unit_documents, len(self.texts))
+        for start in range(index * self.unit_documents, stop, ENCODE_BATCH):
+            yield self.texts[start : min(start + ENCODE_BATCH, stop)][self.text_field]
+
+
+_JOB: dict = {}  # what forked workers read: the units, the tokenizer, the dtype (inherited, never pickled)
+
+
+def _encode_unit(work: Path, index: int) -> dict:
+    """Tokenize one unit into <work>/unit_<index>.bin (each document followed by EOS) and record it in
+    unit_<index>.json, written last: a unit with its json is finished."""
+    units, dtype, tokenizer = _JOB["units"], _JOB["dtype"], _JOB["tokenizer"]
+    eos_id, vocab_size = tokenizer.eos_token_id, len(tokenizer)
+    piece = work / f"unit_{index:05d}.bin"
+    partial = piece.with_suffix(f".bin.{os.getpid()}.tmp")
+    num_tokens = max_token_id = 0
+    with open(partial, "wb") as file:
+        for texts in units.documents(index):
+            documents = [text for text in texts if text]  # an empty document would only add a lone EOS
+            if not documents:
                 continue
+            encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+            tokens = np.fromiter(itertools.chain.from_iterable(ids + [eos_id] for ids in encoded), dtype=np.int64)
             max_token_id = max(max_token_id, int(tokens.max()))
             if max_token_id >= vocab_size:
                 raise DataError(f"the tokenizer produced token id {max_token_id} >= its vocab size {vocab_size}")
-            writer.write(tokens.astype(dtype))
+            file.write(tokens.astype(dtype).tobytes())
             num_tokens += tokens.size
-            num_documents += lengths.size
-            progress.update(tokens.size)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, piece)
+    info = {"file": piece.name, "num_tokens": num_tokens}
+    write_json(piece.with_suffix(".json"), info)
+    return info
+
+
+def _encode_units(work: Path, units: _Units, tokenizer, dtype: np.dtype, max_tokens: int | None, num_proc: int) -> list[dict]:
+    """Every unit's tokens (or those of the first units, up to the cap) as finished pieces, in unit order: units a
+    killed prepare finished are kept, the others are tokenized `num_proc` at a time."""
+    work.mkdir(parents=True, exist_ok=True)
+    _JOB.update(units=units, tokenizer=tokenizer, dtype=dtype)
+    finished = {i: info for i in range(units.count) if (info := _read_json(work / f"unit_{i:05d}.json")) is not None}
+    if finished:
+        logger.info("%s: %d of %d units were tokenized by an earlier run; continuing", work.name, len(finished), units.count)
+    kill_after = _fault_kill_after_units()
+    pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 and units.count > 1 else None
+    pieces: list[dict] = []
+    pending: collections.deque = collections.deque()
+    next_unit, total = 0, 0
+    try:
+        with tqdm(total=units.count, desc=f"tokenizing {work.name}", unit="unit", leave=False) as progress:
+            while True:
+                while next_unit < units.count and len(pending) < max(1, num_proc) and (max_tokens is None or total < max_tokens):
+                    if next_unit in finished:
+                        pending.append(finished[next_unit])
+                    elif pool is not None:
+                        pending.append(pool.apply_async(_encode_unit, (work, next_unit)))
+                    else:
+                        pending.append(functools.partial(_encode_unit, work, next_unit))
+                    next_unit += 1
+                if not pending or (max_tokens is not None and total >= max_tokens):
+                    break
+                job = pending.popleft()
+                info = job if isinstance(job, dict) else (job() if callable(job) else job.get())
+                pieces.append(info)
+                total += info["num_tokens"]
+                progress.update(1)
+                if kill_after is not None and len(pieces) - len(finished) >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)  # a test's fault: the work dir keeps what was finished
+    finally:
+        if pool is not None:
+            pool.terminate()  # units past the cap: their partial files are never read
+            pool.join()
+    for name in work.glob("*.tmp"):
+        name.unlink()  # left by a killed worker or a unit past the cap
+    return [{**info, "path": work / info["file"]} for info in pieces]
+
+
+def _fault_kill_after_units() -> int | None:
+    """FOPE_FAULT=prepare_kill_after_units:N (fope_lm.faults): SIGKILL the prepare once N units are newly finished."""
+    kind, _, count = os.environ.get("FOPE_FAULT", "").partition(":")
+    return int(count) if kind == "prepare_kill_after_units" else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _assemble(out_dir, split, pieces, dtype, max_tokens, shard_tokens, eos_id) -> dict:
+    """The split's shards from its pieces, in order, stopping after `max_tokens` (the last document cut there):
+    the same bytes however the stream was cut into units."""
+    num_tokens = num_documents = max_token_id = 0
+    writer = _ShardWriter(out_dir, split, dtype, shard_tokens)
+    with writer:
+        for piece in pieces:
+            tokens = np.memmap(piece["path"], dtype=dtype, mode="r") if piece["num_tokens"] else np.empty(0, dtype)
+            if max_tokens is not None:
+                tokens = tokens[: max_tokens - num_tokens]
+            for start in range(0, tokens.size, _SCAN_TOKENS):
+                chunk = np.asarray(tokens[start : start + _SCAN_TOKENS])
+                writer.write(chunk)
+                max_token_id = max(max_token_id, int(chunk.max()))
+                num_documents += int(np.count_nonzero(chunk == eos_id))
+            num_tokens += tokens.size
+            if tokens.size and tokens[-1] != eos_id:  # a document cut by the cap still counts
+                num_documents += 1
+            del tokens  # unmap
             if num_tokens == max_tokens:
-                break  # stops a streamed download too
+                break
     if num_tokens == 0:
         raise DataError(f"the {split} split has no text: check the source's paths / hf_path and text_field")
-    return {
-        "num_tokens": num_tokens,
-        "num_documents": num_documents,
-        "max_token_id": max_token_id,
-        "shards": writer.shards,
-    }
+    return {"num_tokens": num_tokens, "num_documents": num_documents, "max_token_id": max_token_id, "shards": writer.shards}
 
 
 class _ShardWriter:

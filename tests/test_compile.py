@@ -107,5 +107,5 @@ def test_the_train_step_reads_the_device_once(isolated_trainer, monkeypatch):
     monkeypatch.setattr(trainer.optimizer, "step", step_paused)
     with reads:
         result = trainer.train_step(1)
-    assert reads.count == 0 and tolist_calls == [torch.Size([4])]  # loss, stop votes, target count, grad norm
+    assert reads.count == 0 and tolist_calls == [torch.Size([5])]  # loss, stop votes, filtered rows, target count, grad norm
     assert result.grad_norm is not None and result.grad_norm > 0 and not result.stop

@@ -105,6 +105,7 @@ def prepare(
         fcntl.flock(lock, fcntl.LOCK_EX)  # one prepare of a config at a time: a second (rank) waits, then finds it done
         if is_prepared(out_dir) and not overwrite:
             logger.info(f"{out_dir} was prepared by another process meanwhile; using that copy")
+            _remove_lock(lock, lock_file)
             return out_dir
         staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # unique per process
         staging.mkdir()
@@ -113,12 +114,12 @@ def prepare(
             _publish(staging, out_dir, overwrite)
         except DataError:  # the input is at fault: a rerun would fail the same way, so nothing is kept to resume
             shutil.rmtree(work, ignore_errors=True)
-            lock_file.unlink()
+            _remove_lock(lock, lock_file)
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # already gone once published
         shutil.rmtree(work, ignore_errors=True)  # the tokenized units, now in the published shards
-        lock_file.unlink()  # a process waiting on it holds it open: it takes the lock next and finds the dir done
+        _remove_lock(lock, lock_file)
     TokenData(out_dir, verify=False).mark_verified()  # its shards were hashed as they were written
     splits = metadata["splits"]
     logger.info(
@@ -127,6 +128,16 @@ def prepare(
         f"validation {splits['validation']['num_tokens']:,} tokens, fingerprint {metadata['fingerprint'][:16]}"
     )
     return out_dir
+
+
+def _remove_lock(lock, lock_file: Path) -> None:
+    """Delete the lock file we hold, unless another process has replaced it. A process waiting on ours holds it open:
+    it takes the lock next and finds the dir done (or, after an input error, fails the same way)."""
+    try:
+        if os.stat(lock_file).st_ino == os.fstat(lock.fileno()).st_ino:
+            lock_file.unlink()
+    except FileNotFoundError:  # removed by the process that held it before us
+        pass
 
 
 def ensure_prepared(data_cfg: "Mapping | DataConfig") -> Path:

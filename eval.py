@@ -10,15 +10,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import fope_lm.eval_config  # noqa: F401  (registers the `eval_schema` that configs/eval.yaml selects)
+import fope_lm.evaluation.config  # noqa: F401  (registers the `eval_schema` that configs/eval.yaml selects)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from fope_lm import report
     from fope_lm.errors import FopeError
-    from fope_lm.eval_config import EvalConfig
-    from fope_lm.evaluate import run_evaluation
+    from fope_lm.evaluation import report
+    from fope_lm.evaluation.config import EvalConfig
+    from fope_lm.evaluation.runner import run_evaluation
     from fope_lm.schema import validated
 
     try:

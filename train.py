@@ -5,9 +5,9 @@ from pathlib import Path
 
 import hydra
 
-from fope_lm.config import check_command_line
 from fope_lm.errors import FopeError
-from fope_lm.train import main
+from fope_lm.training.config import check_command_line
+from fope_lm.training.trainer import main
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

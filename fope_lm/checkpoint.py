@@ -1,8 +1,8 @@
 """Model weights + config on disk: `model.safetensors` and `model_config.json` in a checkpoint directory.
 
-This is the part every stage shares (trainer, eval, export), with a run's checkpoint layout. The trainer's own
-resumable state (optimizer, data position, RNG) and its resume checks are fope_lm.checkpointer's. Nothing here
-unpickles anything.
+This is the part every stage shares (trainer, eval, export). A run's layout (where its checkpoints live, how one is
+published) is fope_lm.run_dir's; the trainer's own resumable state (optimizer, data position, RNG) and its resume
+checks are fope_lm.training.checkpointer's. Nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 from pathlib import Path
 
 import safetensors
@@ -20,7 +18,7 @@ import safetensors.torch
 import torch
 
 from fope_lm.errors import CheckpointError, FopeError
-from fope_lm.model import ModelConfig, Transformer
+from fope_lm.nn.model import ModelConfig, Transformer
 from fope_lm.provenance import git_sha
 
 WEIGHTS_FILE = "model.safetensors"
@@ -80,6 +78,11 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     return config
 
 
+def checkpoint_metadata(directory: str | Path) -> dict:
+    """What the trainer recorded next to the model config (train_seq_len, data_dir, data_fingerprint, step, ...)."""
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
 def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
@@ -134,150 +137,6 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu", **c
         raise CheckpointError(f"checkpoint {directory} cannot be built: {exc}") from None
     load_weights(model, state, directory)
     return model.to(device)
-
-
-# --- training checkpoints: <run_dir>/checkpoints/step_NNNNNN, each published whole ------------------------
-# A checkpoint is written into `step_NNNNNN.tmp`, its files fsynced, a COMPLETE marker added last, and the
-# directory renamed: a reader never sees a half-written `step_NNNNNN`, and a crash leaves only a `.tmp` behind.
-CHECKPOINTS_DIR = "checkpoints"
-COMPLETE_MARKER = "COMPLETE"
-STAGING_SUFFIX = ".tmp"
-CORRUPT_SUFFIX = ".corrupt"  # a checkpoint that does not load, moved aside by resume=auto (never deleted)
-RUN_INFO = "run_info.json"  # the trainer's provenance, in the run dir
-EVAL_DIR = "eval"  # <run_dir>/eval/step_N/<label>/: eval.py's results for each checkpoint
-_STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def checkpoint_metadata(directory: str | Path) -> dict:
-    """What the trainer recorded next to the model config (train_seq_len, data_dir, data_fingerprint, step, ...)."""
-    return json.loads((Path(directory) / CONFIG_FILE).read_text())
-
-
-def recorded_data_dir(checkpoint: Path) -> tuple[str, Path] | None:
-    """(data_dir, the file that names it) for the data a checkpoint was trained on: its metadata's, else its run's
-    run_info.json (the checkpoint is <run_dir>/checkpoints/step_N); None when neither records one."""
-    sources = [checkpoint / CONFIG_FILE]
-    if checkpoint.parent.name == CHECKPOINTS_DIR:
-        sources.append(checkpoint.parent.parent / RUN_INFO)
-    for source in sources:
-        if source.is_file() and (data_dir := json.loads(source.read_text()).get("data_dir")):
-            return data_dir, source
-    return None
-
-
-def eval_dir(checkpoint: str | Path) -> Path:
-    """Where evaluations of a checkpoint go: <run_dir>/eval/step_N for a run's checkpoint (beside checkpoints/, so
-    pruning, overwrite and resume never delete results), <checkpoint>/eval for a checkpoint outside a run."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.parent.name == CHECKPOINTS_DIR:
-        return checkpoint.parent.parent / EVAL_DIR / checkpoint.name
-    return checkpoint / EVAL_DIR
-
-
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:06d}"
-
-
-def checkpoint_step(directory: str | Path) -> int:
-    match = _STEP_DIR.fullmatch(Path(directory).name.removesuffix(STAGING_SUFFIX))
-    if match is None:
-        raise CheckpointError(f"{directory} is not a step_NNNNNN checkpoint directory")
-    return int(match.group(1))
-
-
-def is_complete(directory: str | Path) -> bool:
-    directory = Path(directory)
-    return _STEP_DIR.fullmatch(directory.name) is not None and (directory / COMPLETE_MARKER).is_file()
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    found = [path for path in root.iterdir() if is_complete(path)] if root.is_dir() else []
-    return sorted(found, key=checkpoint_step)
-
-
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run (half-written ones never count), or None."""
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint given its own directory, or its run's directory (then the newest complete one). A directory
-    that `save_model` wrote outside a run (no marker) counts too: it has weights, if no training state."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    latest = find_latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    if (path / CONFIG_FILE).is_file() and not path.name.endswith(STAGING_SUFFIX):
-        return path
-    raise CheckpointError(f"{path} is neither a complete checkpoint nor a run directory with one")
-
-
-def move_aside(checkpoint: Path) -> Path:
-    """Rename a checkpoint that does not load to step_N.corrupt (step_N.corrupt.1, ... if taken): kept for a
-    post-mortem, never picked by resume=auto, never deleted."""
-    target = checkpoint.with_name(checkpoint.name + CORRUPT_SUFFIX)
-    n = 0
-    while target.exists():
-        n += 1
-        target = checkpoint.with_name(f"{checkpoint.name}{CORRUPT_SUFFIX}.{n}")
-    os.replace(checkpoint, target)
-    return target
-
-
-def checkpoints_after(run_dir: str | Path, step: int) -> list[Path]:
-    """The complete checkpoints of a run of steps after `step`, oldest first."""
-    return [path for path in list_checkpoints(run_dir) if checkpoint_step(path) > step]
-
-
-def staging_dir(final: Path) -> Path:
-    return final.with_name(final.name + STAGING_SUFFIX)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_checkpoint(staging: Path, final: Path) -> None:
-    """fsync the staged files, add the completion marker, rename staging -> final (atomic), fsync the parent."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            _fsync(path)
-    (staging / COMPLETE_MARKER).write_text(f"{checkpoint_step(final)}\n")
-    _fsync(staging / COMPLETE_MARKER)
-    _fsync(staging)
-    if final.exists():  # an older trajectory's checkpoint of the same step
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _fsync(final.parent)
-
-
-def remove_checkpoints_after(run_dir: str | Path, step: int) -> list[Path]:
-    """Delete this run's checkpoints (complete or half-written) of steps after `step`: when a run restarts from
-    `step`, later ones belong to a trajectory it abandons, and `resume=auto` must never pick them."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    removed = []
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        match = _STEP_DIR.fullmatch(path.name.removesuffix(STAGING_SUFFIX))
-        if match and (int(match.group(1)) > step or path.name.endswith(STAGING_SUFFIX)):
-            shutil.rmtree(path)
-            removed.append(path)
-    return removed
-
-
-def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> None:
-    if keep_last is None:
-        return
-    for path in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path)
 
 
 def transfer_weights(model: Transformer, directory: str | Path, *, expand: bool = False) -> list[str]:

@@ -1,5 +1,6 @@
-"""Deterministic fault injection and state digests for the trainer's tests: a callback (fope_lm.callbacks) that the
-trainer installs only when one of these variables is set, so the production loop holds no test seams.
+"""Deterministic fault injection and state digests for tests, read from the environment in this one place: the
+trainer acts them out through a callback (fope_lm.training.callbacks.FaultInjection) installed only when one of
+these variables is set, and a data prepare through `prepare_kill_after_units`, so production code holds no test seams.
 
 FOPE_FAULT=<kind>:<step>[:<rank>] (every rank when no rank is given):
   kill_after_step       SIGKILL right after step N's optimizer step, before its logging or checkpoint
@@ -18,17 +19,15 @@ FOPE_DEBUG_DIGESTS=1: every rank writes sha256 digests of its model tensors at t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import signal
-import time
 from dataclasses import dataclass
 
 import torch
 
-from fope_lm.callbacks import Callback
-
-KINDS = ("kill_after_step", "kill_during_save", "sigterm_at_step", "stop_file_at_step", "nan_loss_at_step", "hold_at_step")
+KINDS = (
+    "kill_after_step", "kill_during_save", "sigterm_at_step", "stop_file_at_step", "nan_loss_at_step", "hold_at_step",
+    "prepare_kill_after_units",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,62 +47,21 @@ class Fault:
         return self.kind == kind and self.step == step
 
 
-class FaultInjection(Callback):
-    """Acts out FOPE_FAULT on this rank and writes FOPE_DEBUG_DIGESTS."""
+def fault_from_env(rank: int | None = None) -> Fault | None:
+    """FOPE_FAULT as a Fault, if it is set and targets this rank (every rank when it names none)."""
+    spec = os.environ.get("FOPE_FAULT")
+    fault = Fault.parse(spec) if spec else None
+    return fault if fault is not None and fault.rank in (None, rank) else None
 
-    def __init__(self, fault: Fault | None, digests: bool):
-        self.fault, self.digests = fault, digests
-        self._nan_hook = None
 
-    @classmethod
-    def from_env(cls, rank: int) -> FaultInjection | None:
-        """The callback the environment asks for on this rank, or None (the usual case: nothing is installed)."""
-        spec, digests = os.environ.get("FOPE_FAULT"), bool(os.environ.get("FOPE_DEBUG_DIGESTS"))
-        fault = Fault.parse(spec) if spec else None
-        fault = fault if fault is not None and fault.rank in (None, rank) else None
-        return cls(fault, digests) if fault or digests else None
+def digests_requested() -> bool:
+    return bool(os.environ.get("FOPE_DEBUG_DIGESTS"))
 
-    def _fires(self, kind: str, step: int) -> bool:
-        return self.fault is not None and self.fault.fires(kind, step)
 
-    def on_train_start(self, trainer):
-        self._write_digests(trainer, "start")
-
-    def on_step_start(self, trainer, step):
-        if self._fires("sigterm_at_step", step):
-            os.kill(os.getpid(), signal.SIGTERM)
-        if self._fires("stop_file_at_step", step):
-            trainer.plan.stop_file.touch()
-        if self._fires("hold_at_step", step):
-            while not trainer.stop_agreed():  # a collective: every rank polls it equally often, all see one answer
-                time.sleep(0.05)
-        if self._fires("nan_loss_at_step", step):  # every micro-batch's loss of this step becomes NaN
-            module = trainer.accelerator.unwrap_model(trainer.model)
-            self._nan_hook = module.register_forward_hook(lambda mod, args, out: out._replace(loss=out.loss * float("nan")))
-
-    def on_step_end(self, trainer, step, result):
-        if self._nan_hook is not None:
-            self._nan_hook.remove()
-            self._nan_hook = None
-        if self._fires("kill_after_step", step):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def on_save(self, trainer, step, staging):
-        if self._fires("kill_during_save", step):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def on_finish(self, trainer, stopped):
-        self._write_digests(trainer, "end")
-
-    def _write_digests(self, trainer, tag: str) -> None:
-        if not self.digests:
-            return
-        state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
-        path = trainer.plan.run_dir / "debug" / f"digests_rank{trainer.plan.rank}.json"
-        path.parent.mkdir(exist_ok=True)
-        digests = json.loads(path.read_text()) if path.exists() else {}
-        digests[tag] = {name: tensor_digest(tensor) for name, tensor in state.items()}
-        path.write_text(json.dumps(digests, indent=1, sort_keys=True))
+def prepare_kill_after_units() -> int | None:
+    """FOPE_FAULT=prepare_kill_after_units:N: a data prepare SIGKILLs itself once N units are newly finished."""
+    fault = fault_from_env()
+    return fault.step if fault is not None and fault.kind == "prepare_kill_after_units" else None
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

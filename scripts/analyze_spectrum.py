@@ -2,7 +2,7 @@
 
 For each head: the mean pre-softmax logit at distance 0 .. 4L-1 (L = the checkpoint's max_seq_len) on
 4L-token validation sequences, its rfft over distance, and per layer the share of energy below 2*pi/L
-(the components the FoPE paper calls under-trained). See fope_lm/spectrum.py for the definitions.
+(the components the FoPE paper calls under-trained). See fope_lm/evaluation/spectrum.py for the definitions.
 
     python scripts/analyze_spectrum.py runs/fope/checkpoints/step_010000 --out analysis/fope
     python scripts/analyze_spectrum.py CKPT --data-dir data/c4-olmo --sequences 16 --device cuda
@@ -18,8 +18,8 @@ import argparse
 import sys
 
 from fope_lm.errors import FopeError
-from fope_lm.evaluate import resolve_device
-from fope_lm.spectrum import analyze_checkpoint
+from fope_lm.evaluation.runner import resolve_device
+from fope_lm.evaluation.spectrum import analyze_checkpoint
 
 
 def parse_args(argv=None):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from fope_lm import report  # noqa: E402
+from fope_lm.evaluation import report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

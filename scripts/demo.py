@@ -4,7 +4,7 @@ that separate FoPE's two ingredients, in minutes on a CPU.
     python scripts/demo.py --steps 600          (or DEMO_STEPS=2000 make demo)
 
 1. prepares the embedded offline corpus (Python stdlib docstrings, its own 8192-token BPE) on first use;
-2. trains the same tiny model (fope_lm.model.PRESETS["tiny"]) with nope, rope, alibi and fope, and the controls
+2. trains the same tiny model (fope_lm.nn.model.PRESETS["tiny"]) with nope, rope, alibi and fope, and the controls
    rope_clip (clipping alone), fope_nomix (FoPE without mixing: clipping plus FoPE's padding and slot cap) and
    p_rope (the newer way of dropping low frequencies), all under one budget: same seed, data order and tokens,
    training length 128 (`python train.py +pe=<name> ...`);
@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from fope_lm.data import ensure_prepared  # noqa: E402
-from fope_lm.metrics import read_metrics  # noqa: E402
+from fope_lm.training.metrics import read_metrics  # noqa: E402
 
 import compare_results  # noqa: E402  (scripts/, next to this file)
 

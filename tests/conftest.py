@@ -60,8 +60,8 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def plan_with(data_root, runs):
-    """`fope_lm.train.plan` of the tiny config (helpers.training.TINY) plus overrides: every check, no compute."""
-    from fope_lm.train import plan
+    """`fope_lm.training.trainer.plan` of the tiny config (helpers.training.TINY) plus overrides: every check, no compute."""
+    from fope_lm.training.trainer import plan
 
     from helpers.training import TINY, compose_config
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fope_lm.bench import compile_step, eval_memory, gpu_suite, pe_overhead, prepare_throughput, step_vs_hf
-from fope_lm.model import build_model
+from fope_lm.nn.model import build_model
 from fope_lm.position import available
 
 pytestmark = pytest.mark.usefixtures("one_thread")

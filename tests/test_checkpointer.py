@@ -1,4 +1,4 @@
-"""fope_lm.checkpointer's file checks and notes (its resume behaviour: test_train.py, on real runs)."""
+"""fope_lm.training.checkpointer's file checks and notes (its resume behaviour: test_train.py, on real runs)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fope_lm.checkpointer import load_torch_file, rng_restore_note
 from fope_lm.errors import CheckpointError
+from fope_lm.training.checkpointer import load_torch_file, rng_restore_note
 
 
 def test_unloadable_checkpoint_files_are_one_line_errors(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fope_lm.bench.graphs import HostReads, graph_breaks
-from fope_lm.documents import Documents
-from fope_lm.model import KVCache
+from fope_lm.nn.documents import Documents
+from fope_lm.nn.kv_cache import KVCache
 from fope_lm.position import available
 
 from helpers.models import tiny
@@ -83,7 +83,7 @@ def isolated_trainer(plan_with):
     """A Trainer built in this process, with what it sets process-wide (signal handlers, log handlers, threads) put back."""
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     log_handlers, threads = list(logging.getLogger().handlers), torch.get_num_threads()
-    from fope_lm.train import Trainer
+    from fope_lm.training.trainer import Trainer
 
     yield lambda *overrides: Trainer(plan_with("train.deterministic=false", "run_name=in-process", "overwrite=true", *overrides))
     for signum, handler in handlers.items():

@@ -12,11 +12,11 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from fope_lm.config import SET_ELSEWHERE, ModelSection
 from fope_lm.errors import ConfigError, DataError, FopeError
-from fope_lm.model import PRESETS, ModelConfig
+from fope_lm.nn.model import PRESETS, ModelConfig
 from fope_lm.position.registry import get_class
-from fope_lm.train import plan
+from fope_lm.training.config import SET_ELSEWHERE, ModelSection
+from fope_lm.training.trainer import plan
 
 from conftest import REPO
 from helpers.training import TINY, compose_config, launch

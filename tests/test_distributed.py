@@ -1,4 +1,4 @@
-"""fope_lm.distributed: the DeepSpeed JSON the config fills in, and stop requests."""
+"""fope_lm.training.distributed: the DeepSpeed JSON the config fills in, and stop requests."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from fope_lm.distributed import StopRequests, fill_deepspeed_config
 from fope_lm.errors import ConfigError
+from fope_lm.training.distributed import StopRequests, fill_deepspeed_config
 
 from conftest import REPO
 

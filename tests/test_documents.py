@@ -1,4 +1,4 @@
-"""Document masking (fope_lm.documents, the model's `doc_ids`): a packed row scores each of its documents exactly as
+"""Document masking (fope_lm.nn.documents, the model's `doc_ids`): a packed row scores each of its documents exactly as
 if it were run alone, for every registered position encoding; the target after an EOS stays scored; flash-attn's
 varlen path gets the documents' offsets (checked here with a reference kernel standing in for flash-attn)."""
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fope_lm.attention import _flash_attention, _flash_fits, causal_attention
-from fope_lm.documents import Documents, cumulative_lengths, document_ids, document_positions
-from fope_lm.position import available, build_position_encoding
+from fope_lm.nn.attention import _flash_attention, _flash_fits, causal_attention
+from fope_lm.nn.documents import Documents, cumulative_lengths, document_ids, document_positions
+from fope_lm.position import EncodingSpec, available, build_position_encoding
 
 from helpers.models import tiny
 
@@ -38,6 +38,16 @@ def test_ids_positions_and_offsets_of_a_packed_row():
     assert torch.equal(documents.ids, ids) and documents.cu_seqlens.dtype == torch.int32
 
 
+def assert_each_document_as_if_alone(model, rows: torch.Tensor, packed: torch.Tensor) -> None:
+    """The packed rows' logits of each document equal the logits of that document run alone."""
+    for row, lengths in enumerate(LENGTHS):
+        start = 0
+        for n in lengths:
+            alone = model(rows[row : row + 1, start : start + n]).logits[0]
+            torch.testing.assert_close(packed[row, start : start + n], alone, rtol=0, atol=1e-4)
+            start += n
+
+
 @pytest.mark.parametrize("pe", available())
 def test_each_document_of_a_packed_row_scores_as_if_alone(pe):
     """The defaults (document_mask, restart_positions): every token's logits are those of its document run alone,
@@ -51,12 +61,7 @@ def test_each_document_of_a_packed_row_scores_as_if_alone(pe):
     documents = Documents.of_tokens(rows, EOS)
     with torch.no_grad():
         packed = model(rows, doc_ids=documents).logits
-        for row, lengths in enumerate(LENGTHS):
-            start = 0
-            for n in lengths:
-                alone = model(rows[row : row + 1, start : start + n]).logits[0]
-                torch.testing.assert_close(packed[row, start : start + n], alone, rtol=0, atol=1e-4)
-                start += n
+        assert_each_document_as_if_alone(model, rows, packed)
         # without the mask the documents see each other: the same rows, other logits
         assert (model(rows).logits - packed).abs().amax() > 1e-3
         labels = torch.roll(rows, -1, dims=1)
@@ -65,6 +70,24 @@ def test_each_document_of_a_packed_row_scores_as_if_alone(pe):
         expected = F.cross_entropy(packed.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         assert int(out.n_targets) == 2 * 39  # the targets after an EOS (a next document's first token) stay scored
         torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-4)
+
+
+ROTARY = [pe for pe in available() if EncodingSpec.of(pe).is_rotary]
+DYNAMIC = {"yarn": {"scaling": "yarn", "dynamic": True}, "dynamic_ntk": {"scaling": "dynamic_ntk", "scale": 2.0}}
+
+
+@pytest.mark.parametrize("scaling", DYNAMIC)
+@pytest.mark.parametrize("pe", ROTARY)
+def test_dynamic_scaling_scales_each_document_for_its_own_length(pe, scaling):
+    """Dynamic length scaling (its factor follows the length run) in a packed row with restarting positions: each
+    document is scaled for its own length, exactly as when it is run alone, not for the row's (L0 = 8 < every
+    document but the 5-token ones, so the scale differs per document)."""
+    torch.manual_seed(0)
+    model = tiny(pe, max_seq_len=8, pe_options=DYNAMIC[scaling]).eval()
+    rows = packed_rows(torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        packed = model(rows, doc_ids=Documents.of_tokens(rows, EOS)).logits
+        assert_each_document_as_if_alone(model, rows, packed)
 
 
 def test_masking_and_restarting_are_separate_switches():
@@ -78,7 +101,7 @@ def test_masking_and_restarting_are_separate_switches():
         torch.testing.assert_close(
             rope(rows, doc_ids=documents, restart_positions=False).logits, rope(rows, doc_ids=documents).logits, rtol=0, atol=1e-4
         )
-        fire = tiny("fire").eval()
+        fire = tiny("fire", pe_options={"init_length": 8.0}).eval()  # a threshold below the rows' positions (default 512)
         assert (fire(rows, doc_ids=documents, restart_positions=False).logits - fire(rows, doc_ids=documents).logits).abs().amax() > 1e-4
         restarted = rope(rows, doc_ids=documents, document_mask=False).logits
         positions = document_positions(documents.ids)
@@ -87,7 +110,7 @@ def test_masking_and_restarting_are_separate_switches():
             x = block(x, positions)
         torch.testing.assert_close(restarted, rope.lm_head(rope.norm(x)).float(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="KV cache continues one sequence"):
-        from fope_lm.model import KVCache
+        from fope_lm.nn.kv_cache import KVCache
 
         rope(rows, doc_ids=documents, kv_cache=KVCache(2))
 

@@ -18,36 +18,33 @@ from omegaconf import OmegaConf
 from scipy.stats import binomtest
 
 from fope_lm.checkpoint import load_model, save_model
-from fope_lm.config import WandbMode
 from fope_lm.data import TokenData, ValidationTokens
 from fope_lm.errors import ConfigError
-from fope_lm.eval_config import (
-    EvalConfig,
-    PasskeyConfig,
-    PerplexityConfig,
-    ScalingEvalConfig,
-    SlidingWindowConfig,
-    WandbConfig,
-)
-from fope_lm.evaluate import (
+from fope_lm.evaluation.config import EvalConfig, PasskeyConfig, PerplexityConfig, SlidingWindowConfig
+from fope_lm.evaluation.passkey import evaluate_passkey
+from fope_lm.evaluation.perplexity import (
     eval_chunks,
     length_eval_hook,
-    log_to_wandb,
     per_document_perplexity,
     perplexity_by_length,
     position_buckets,
-    run_evaluation,
-    scaling_overrides,
     sliding_window_perplexity,
     token_losses,
-    validate_results,
 )
-from fope_lm.model import build_model
-from fope_lm.passkey import evaluate_passkey
+from fope_lm.evaluation.report import log_to_wandb, validate_results
+from fope_lm.evaluation.runner import run_evaluation
+from fope_lm.nn.model import ModelConfig, build_model
+from fope_lm.position import ScalingOptions
+from fope_lm.tracking import WandbConfig, WandbMode
 
 from conftest import REPO
 from helpers.evaluation import TRAIN_LEN, InductionOracle, passkey_tokenizer, prepare_passkey_data, repeated_block, train_passkey_model
 from helpers.models import tiny
+
+
+def scaling_overrides(trained: ModelConfig, scaling: ScalingOptions) -> dict:
+    """load_model overrides that apply length scaling at evaluation time, as the eval runner asks the encoding for them."""
+    return {"pe_options": trained.pe_spec.with_eval_scaling(scaling, max_seq_len=trained.max_seq_len).options}
 
 
 @pytest.fixture(scope="session")
@@ -201,10 +198,10 @@ def test_sliding_window_gives_every_scored_token_its_context():
 def test_yarn_at_scale_one_equals_rope_and_dynamic_changes_only_long_lengths(checkpoint, val_tokens):
     plain = perplexity_by_length(load_model(checkpoint), val_tokens, [128, 512], progress=False)
     trained = load_model(checkpoint).config
-    unit = scaling_overrides(trained, ScalingEvalConfig(method="yarn", scale=1.0))
+    unit = scaling_overrides(trained, ScalingOptions(method="yarn", scale=1.0))
     assert "pe" not in unit and unit["pe_options"]["scaling"] == "yarn" and unit["pe_options"]["original_max_seq_len"] == TRAIN_LEN
     scaled_1 = perplexity_by_length(load_model(checkpoint, **unit), val_tokens, [128, 512], progress=False)
-    dynamic = load_model(checkpoint, **scaling_overrides(trained, ScalingEvalConfig(method="yarn", dynamic=True)))
+    dynamic = load_model(checkpoint, **scaling_overrides(trained, ScalingOptions(method="yarn", dynamic=True)))
     dynamic_results = perplexity_by_length(dynamic, val_tokens, [128, 512], progress=False)
     for length in (128, 512):
         assert scaled_1[length]["loss"] == pytest.approx(plain[length]["loss"], abs=1e-6)
@@ -216,7 +213,7 @@ def test_yarn_at_scale_one_equals_rope_and_dynamic_changes_only_long_lengths(che
 def test_fope_yarn_overrides_keep_the_coefficients(tmp_path):
     model = build_model("tiny", pe="fope", pe_options={"sigma": 0.3}, vocab_size=256, max_seq_len=32)
     save_model(tmp_path, model)
-    overrides = scaling_overrides(model.config, ScalingEvalConfig(method="yarn", scale=4.0))
+    overrides = scaling_overrides(model.config, ScalingOptions(method="yarn", scale=4.0))
     assert overrides == {
         "pe_options": {
             "sigma": 0.3,  # the checkpoint's own options are kept
@@ -233,7 +230,7 @@ def test_fope_yarn_overrides_keep_the_coefficients(tmp_path):
     rescaled = load_model(tmp_path, **overrides)
     assert rescaled.config.pe == "fope"
     assert torch.equal(rescaled.blocks[1].attn.pe.cos_coef, model.blocks[1].attn.pe.cos_coef)
-    unit = load_model(tmp_path, **scaling_overrides(model.config, ScalingEvalConfig(method="yarn", scale=1.0)))
+    unit = load_model(tmp_path, **scaling_overrides(model.config, ScalingOptions(method="yarn", scale=1.0)))
     tokens = torch.randint(0, 256, (256,))
     expected = perplexity_by_length(model, tokens, [64], progress=False)[64]["loss"]
     assert perplexity_by_length(unit, tokens, [64], progress=False)[64]["loss"] == pytest.approx(expected, abs=1e-6)
@@ -249,17 +246,17 @@ def test_eval_time_scaling_works_on_every_rotary_checkpoint(pe, tmp_path):
     tokens = torch.randint(0, 256, (512,))
     plain = perplexity_by_length(model, tokens, [32, 128], progress=False)
     for method in ("linear", "ntk", "dynamic_ntk", "yarn"):
-        unit = load_model(tmp_path / pe, **scaling_overrides(model.config, ScalingEvalConfig(method=method, scale=1.0)))
+        unit = load_model(tmp_path / pe, **scaling_overrides(model.config, ScalingOptions(method=method, scale=1.0)))
         assert unit.config.pe == pe and unit.blocks[0].attn.pe.scaling.method == method
         length = 32 if method == "dynamic_ntk" else 128  # dynamic NTK scales beyond L0 whatever its factor
         assert perplexity_by_length(unit, tokens, [length], progress=False)[length]["loss"] == pytest.approx(
             plain[length]["loss"], abs=1e-6
         )
-        scaled = load_model(tmp_path / pe, **scaling_overrides(model.config, ScalingEvalConfig(method=method, scale=4.0)))
+        scaled = load_model(tmp_path / pe, **scaling_overrides(model.config, ScalingOptions(method=method, scale=4.0)))
         assert not torch.equal(scaled.blocks[0].attn.pe.inv_freq(128), model.blocks[0].attn.pe.inv_freq(128))
     save_model(tmp_path / "alibi", build_model("tiny", pe="alibi", vocab_size=256, max_seq_len=32))
     with pytest.raises(ConfigError, match="rescales rotary encodings; this checkpoint uses 'alibi'"):
-        scaling_overrides(load_model(tmp_path / "alibi").config, ScalingEvalConfig(method="linear"))
+        scaling_overrides(load_model(tmp_path / "alibi").config, ScalingOptions(method="linear"))
 
 
 def test_teacher_forced_passkey_beats_chance_at_the_training_length(checkpoint):
@@ -312,7 +309,7 @@ def eval_config(checkpoint, data_cfg, output_dir, **changes) -> EvalConfig:
 def evaluated(checkpoint, data_cfg, tmp_path_factory) -> tuple[dict, dict]:
     """eval.py's work on the shared checkpoint with dynamic YaRN: (results, output paths)."""
     output_dir = tmp_path_factory.mktemp("eval") / "rope+yarn"
-    return run_evaluation(eval_config(checkpoint, data_cfg, output_dir, scaling=ScalingEvalConfig(method="yarn", dynamic=True)))
+    return run_evaluation(eval_config(checkpoint, data_cfg, output_dir, scaling=ScalingOptions(method="yarn", dynamic=True)))
 
 
 @pytest.mark.slow
@@ -355,7 +352,7 @@ def test_wandb_gets_the_same_numbers(evaluated, tmp_path):
 @pytest.mark.slow
 def test_compare_results_overlays_runs(checkpoint, data_cfg, tmp_path):
     outputs = []
-    for label, scaling in (("rope", ScalingEvalConfig()), ("rope+yarn", ScalingEvalConfig(method="yarn", dynamic=True))):
+    for label, scaling in (("rope", ScalingOptions(method="none")), ("rope+yarn", ScalingOptions(method="yarn", dynamic=True))):
         no_passkey = PasskeyConfig(enabled=False)
         cfg = eval_config(checkpoint, data_cfg, tmp_path / label, label=label, scaling=scaling, passkey=no_passkey)
         cfg.perplexity.sliding_window = SlidingWindowConfig()

@@ -16,10 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fope_lm.checkpoint import COMPLETE_MARKER, checkpoint_dir, save_model
-from fope_lm.generate import continuation_logprobs, greedy_generate
+from fope_lm.checkpoint import save_model
 from fope_lm.hf import ExportError, export_hf
-from fope_lm.model import build_model
+from fope_lm.nn.generate import continuation_logprobs, greedy_generate
+from fope_lm.nn.model import build_model
+from fope_lm.run_dir import COMPLETE_MARKER, RunDir
 
 from conftest import REPO
 from helpers.evaluation import passkey_tokenizer
@@ -175,7 +176,7 @@ def test_tokenizer_from_run_dir(tmp_path, tokenizer_dir, capsys):
 
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"
     passkey_tokenizer().save_pretrained(data_dir / "tokenizer")
-    checkpoint = checkpoint_dir(run_dir, 3)
+    checkpoint = RunDir(run_dir).checkpoint(3)
     tiny_checkpoint(checkpoint, "rope", {})
     (checkpoint / COMPLETE_MARKER).write_text("3\n")
     (run_dir / "run_info.json").write_text(json.dumps({"data_dir": str(data_dir)}))

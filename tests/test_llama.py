@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fope_lm.checkpoint import load_model, load_state_dict, save_model
 from fope_lm.errors import CheckpointError
-from fope_lm.eval_config import EvalConfig, PasskeyConfig, PerplexityConfig
-from fope_lm.evaluate import run_evaluation
-from fope_lm.generate import continuation_logprobs
+from fope_lm.evaluation.config import EvalConfig, PasskeyConfig, PerplexityConfig
+from fope_lm.evaluation.runner import run_evaluation
 from fope_lm.hf import ExportError, export_hf
 from fope_lm.hf.llama import LlamaConversionError, import_llama
-from fope_lm.metrics import read_metrics
-from fope_lm.model import build_model
+from fope_lm.nn.generate import continuation_logprobs
+from fope_lm.nn.model import build_model
+from fope_lm.training.metrics import read_metrics
 
 from conftest import REPO
 from helpers.evaluation import passkey_tokenizer, prepare_passkey_data

@@ -1,13 +1,13 @@
-"""fope_lm.metrics: metrics.jsonl written whole and read back after an interrupted write, the MFU peaks, wandb modes."""
+"""fope_lm.training.metrics: metrics.jsonl written whole and read back after an interrupted write, the MFU peaks, wandb modes."""
 
 import json
 import logging
 
 import pytest
 
-from fope_lm.config import WandbMode
 from fope_lm.errors import FopeError
-from fope_lm.metrics import MetricsFile, peak_flops, read_metrics, wandb_mode, wandb_run_id
+from fope_lm.tracking import WandbMode, wandb_mode, wandb_run_id
+from fope_lm.training.metrics import MetricsFile, peak_flops, read_metrics
 
 
 def test_records_are_appended_whole(tmp_path):
@@ -52,5 +52,5 @@ def test_wandb_is_offline_without_credentials(monkeypatch, tmp_path):
     assert wandb_mode(None) == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode(None) == "online" and wandb_mode(WandbMode.disabled) == "disabled"
-    assert wandb_run_id(tmp_path, "fope/60m") == wandb_run_id(tmp_path, "fope/60m")  # every rank, every requeue
-    assert wandb_run_id(tmp_path, "fope/60m", new=True) != wandb_run_id(tmp_path, "fope/60m")
+    assert wandb_run_id(tmp_path / "wandb_id", "fope/60m") == wandb_run_id(tmp_path / "wandb_id", "fope/60m")  # every rank, every requeue
+    assert wandb_run_id(tmp_path / "wandb_id", "fope/60m", new=True) != wandb_run_id(tmp_path / "wandb_id", "fope/60m")

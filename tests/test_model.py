@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from fope_lm.attention import causal_attention
 from fope_lm.errors import ConfigError
-from fope_lm.model import KVCache, ModelConfig, build_model
+from fope_lm.nn.attention import causal_attention
+from fope_lm.nn.kv_cache import KVCache
+from fope_lm.nn.model import ModelConfig, build_model
 from fope_lm.position import available, build_position_encoding
 
 from helpers.models import dense_attention, tiny

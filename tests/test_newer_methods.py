@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import _compute_yarn_parameters
 
-from fope_lm.attention import causal_attention
+from fope_lm.nn.attention import causal_attention
 from fope_lm.position import build_position_encoding
 
 from helpers.models import dense_attention
@@ -59,7 +59,7 @@ def fire_reference_bias(pe, seq_length: int) -> torch.Tensor:
 
 
 def test_fire_matches_the_reference_and_learns_c_and_L():
-    pe = encoding("fire")
+    pe = encoding("fire", init_length=float(L))  # a threshold the T-token test crosses (the default, 512, it would not)
     assert (pe.c.item(), pe.length_multiplier.item(), pe.init_length.item()) == (pytest.approx(0.1), 1.0, L)  # float32 0.1
     with torch.no_grad():
         pe.c.fill_(0.3)  # away from the init, so that c's role is checked too

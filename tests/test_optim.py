@@ -1,11 +1,11 @@
-"""fope_lm.optim: the learning-rate schedule and OLMo's parameter groups."""
+"""fope_lm.training.optim: the learning-rate schedule and OLMo's parameter groups."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fope_lm.optim import learning_rate, parameter_groups
+from fope_lm.training.optim import learning_rate, parameter_groups
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -16,7 +16,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_parameter_groups_follow_olmo(plan_with):
-    from fope_lm.model import Transformer
+    from fope_lm.nn.model import Transformer
 
     learnable_fope = plan_with("+pe=fope", "pe.learnable=true")
     model = Transformer(learnable_fope.model_config)

@@ -2,15 +2,18 @@
 greedy generation equals full recomputation for every PE, and branched-cache continuation scores equal a
 direct forward."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fope_lm.errors import ConfigError
-from fope_lm.generate import continuation_logprobs, greedy_generate, prefill
-from fope_lm.model import build_model
-from fope_lm.passkey import MAX_KEY, PasskeyPrompts, first_integer, sample_trials
+from fope_lm.evaluation.passkey import MAX_KEY, PasskeyPrompts, evaluate_passkey, first_integer, sample_trials
+from fope_lm.nn.generate import continuation_logprobs, greedy_generate, prefill
+from fope_lm.nn.model import build_model
+from fope_lm.position import available
 
 from helpers.evaluation import passkey_tokenizer
 
@@ -119,9 +122,14 @@ def test_dynamic_yarn_scale_is_fixed_per_prompt():
     assert not torch.allclose(hidden_fixed, hidden_default)
 
 
-@pytest.mark.parametrize("pe", ["rope", "alibi", "fope"])
+@pytest.mark.parametrize("pe", available())
 def test_continuation_logprobs_equal_a_direct_forward(pe):
+    """Every encoding: candidates of unequal lengths, each scored on a branch of one cached prompt, score exactly what
+    a fresh forward of prompt + candidate gives (FoX's cached forget gates included: the cache branches all it holds)."""
     model = build_model("tiny", pe=pe, vocab_size=300, max_seq_len=32).eval()
+    if pe == "cope":  # its position embeddings start at zero: give them values, so that the cache matters
+        for encoding in model.position_encodings():
+            torch.nn.init.normal_(encoding.pos_emb)
     prompts = torch.randint(0, 300, (2, 20))
     continuations = [[[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]]]
     scores = continuation_logprobs(model, prompts, continuations)
@@ -134,3 +142,24 @@ def test_continuation_logprobs_equal_a_direct_forward(pe):
             targets = tokens[0, 1:]
             expected = logprobs[torch.arange(len(targets)), targets][-len(continuations[b][j]) :].sum()
             assert scores[b, j].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_a_branch_extends_its_prefix_without_touching_it():
+    model = build_model("tiny", pe="fox", vocab_size=300, max_seq_len=32).eval()
+    prefix = prefill(model, torch.randint(0, 300, (1, 12)), dynamic_len=20)
+    held = [list(layer) for layer in (prefix.keys, prefix.values, prefix.states)]
+    branch = prefix.branch()
+    model.hidden_states(torch.randint(0, 300, (1, 3)), start_pos=prefix.length, kv_cache=branch, dynamic_len=20)
+    assert branch.length == prefix.length + 3 and branch.states[0].shape[-1] == prefix.length + 3
+    assert all(
+        a is b
+        for before, now in zip(held, (prefix.keys, prefix.values, prefix.states), strict=True)
+        for a, b in zip(before, now, strict=True)
+    )
+
+
+def test_passkey_runs_on_a_fox_model():
+    tokenizer = passkey_tokenizer()
+    model = build_model("tiny", pe="fox", vocab_size=len(tokenizer), max_seq_len=64).eval()
+    (row,) = evaluate_passkey(model, tokenizer, [96], trials=3, distractors=2, max_new_tokens=4, depth_buckets=1, progress=False)
+    assert row["trials"] == 3 and 0 <= row["teacher_forced_accuracy"] <= 1 and math.isfinite(row["mean_key_logprob"])

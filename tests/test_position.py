@@ -15,15 +15,17 @@ from omegaconf import OmegaConf
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, _compute_yarn_parameters
 
-from fope_lm.attention import causal_attention
 from fope_lm.errors import ConfigError
-from fope_lm.model import KVCache, build_model
+from fope_lm.nn.attention import causal_attention
+from fope_lm.nn.kv_cache import KVCache
+from fope_lm.nn.model import build_model
 from fope_lm.position import Positions, available, build_position_encoding
-from fope_lm.position.base import apply_rotary, rope_inv_freq, yarn_frequencies
+from fope_lm.position.base import apply_rotary, rope_inv_freq
 from fope_lm.position.fope import kept_frequencies, step_eye
+from fope_lm.position.scaling import ScalingOptions
 
 from conftest import FIXTURES_DIR, REPO
-from helpers.models import dense_attention, tiny
+from helpers.models import dense_attention, rotate, tiny
 
 FIXTURES = sorted(glob.glob(os.path.join(FIXTURES_DIR, "*.json")))
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP threads only slow them down
@@ -54,7 +56,7 @@ def test_matches_official_fixture(fixture):
     positions = torch.arange(T)
     if meta["method"] == "fope":
         assert (pe.n_freqs, pe.n_slots) == (meta["n_nonzero_freqs"], meta["n_fourier_slots"])
-        pe.rotate(x, positions)  # fill the table cache with the random init; loading must invalidate it
+        rotate(pe, x, positions)  # tables come from the coefficients at every forward: loading new ones must take effect
         pe.load_state_dict({"cos_coef": torch.from_numpy(arrays["cos_coef"]), "sin_coef": torch.from_numpy(arrays["sin_coef"])})
         inv_freq = kept_frequencies(meta["head_dim"], meta["rope_theta"], meta["train_max_seq_len"])
     else:
@@ -68,20 +70,20 @@ def test_matches_official_fixture(fixture):
     assert rel_err(q_rot[:, :, at], ref) < 1e-4
     assert rel_err(k_rot[:, :, at], ref) < 1e-4
     # gathered (non-contiguous) positions give the same rows as the sliced full table
-    assert rel_err(pe.rotate(x[:, :, at], at), ref) < 1e-4
+    assert rel_err(rotate(pe, x[:, :, at], at), ref) < 1e-4
 
 
-def test_fope_cache_follows_in_place_coefficient_change():
+def test_fope_tables_follow_an_in_place_coefficient_change():
     pe = build_position_encoding("fope", head_dim=64, n_heads=2, max_seq_len=128)
     x = torch.randn(1, 2, 300, 64)
-    before = pe.rotate(x, torch.arange(300))
+    before = rotate(pe, x, torch.arange(300))
     with torch.no_grad():
         pe.cos_coef.mul_(2.0)
-    after = pe.rotate(x, torch.arange(300))
+    after = rotate(pe, x, torch.arange(300))
     fresh = build_position_encoding("fope", head_dim=64, n_heads=2, max_seq_len=128)
     fresh.load_state_dict(pe.state_dict())
     assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, fresh.rotate(x, torch.arange(300)))
+    torch.testing.assert_close(after, rotate(fresh, x, torch.arange(300)))
 
 
 @pytest.mark.parametrize("head_dim,length,expected", [(64, 512, 16), (64, 1024, 18), (128, 512, 31), (128, 1024, 36)])
@@ -129,10 +131,10 @@ def test_fope_identity_coefficients_reduce_to_rope_on_kept_frequencies():
     angles = torch.outer(torch.arange(T, dtype=torch.float32), kept_frequencies(head_dim, 10000.0, length))
     pad = torch.ones(T, head_dim // 2 - 16)
     expected = apply_rotary(x, torch.cat((angles.cos(), pad), -1), torch.cat((angles.sin(), pad), -1))
-    assert rel_err(pe.rotate(x, torch.arange(T)), expected) < 1e-6
+    assert rel_err(rotate(pe, x, torch.arange(T)), expected) < 1e-6
     # and on the kept pairs exactly RoPE: compare channel pairs j < 16 with plain RoPE
     rope = build_position_encoding("rope", head_dim=head_dim, n_heads=n_heads, max_seq_len=length)
-    ours, theirs = pe.rotate(x, torch.arange(T)), rope.rotate(x, torch.arange(T))
+    ours, theirs = rotate(pe, x, torch.arange(T)), rotate(rope, x, torch.arange(T))
     kept = torch.cat((torch.arange(16), torch.arange(32, 48)))
     torch.testing.assert_close(ours[..., kept], theirs[..., kept], rtol=1e-5, atol=1e-5)
 
@@ -140,7 +142,7 @@ def test_fope_identity_coefficients_reduce_to_rope_on_kept_frequencies():
 def test_fope_pad_value_option():
     pe = build_position_encoding("fope", head_dim=64, n_heads=1, max_seq_len=512, pad_value=0.0)
     x = torch.randn(1, 1, 10, 64)
-    y = pe.rotate(x, torch.arange(10))
+    y = rotate(pe, x, torch.arange(10))
     assert torch.count_nonzero(y[..., 16:32]) == 0 and torch.count_nonzero(y[..., 48:]) == 0
 
 
@@ -148,7 +150,7 @@ def test_fope_learnable_coefficients_get_gradients():
     pe = build_position_encoding("fope", head_dim=32, n_heads=2, max_seq_len=64, learnable=True)
     assert {name for name, _ in pe.named_parameters()} == {"cos_coef", "sin_coef"}
     x = torch.randn(1, 2, 40, 32)
-    pe.rotate(x, torch.arange(40)).square().sum().backward()
+    rotate(pe, x, torch.arange(40)).square().sum().backward()
     assert pe.cos_coef.grad.abs().sum() > 0 and pe.sin_coef.grad.abs().sum() > 0
 
 
@@ -191,11 +193,11 @@ def test_yarn_matches_transformers(head_dim, L0, scale):
     ref_freq, ref_factor = hf_yarn(head_dim, 4, L0, scale)
     pe = build_position_encoding("yarn", head_dim=head_dim, n_heads=4, max_seq_len=L0, scale=scale)
     torch.testing.assert_close(pe.inv_freq(), ref_freq.float(), rtol=1e-6, atol=0)
-    assert pe.attention_factor() == pytest.approx(ref_factor, rel=1e-9)
+    assert pe.frequencies()[1] == pytest.approx(ref_factor, rel=1e-9)
     # an explicit factor (the paper's runs use 1.0) is passed through
     ref_freq, ref_factor = hf_yarn(head_dim, 4, L0, scale, attention_factor=1.0)
     pe = build_position_encoding("yarn", head_dim=head_dim, n_heads=4, max_seq_len=L0, scale=scale, attention_factor=1.0)
-    assert pe.attention_factor() == ref_factor == 1.0
+    assert pe.frequencies()[1] == ref_factor == 1.0
     # and the table is cos/sin(t * w') times the factor
     cos, sin = pe.cos_sin(torch.arange(3 * L0), device=torch.device("cpu"), dtype=torch.float32)
     angles = torch.outer(torch.arange(3 * L0, dtype=torch.float32), ref_freq.float())
@@ -214,7 +216,7 @@ def test_linear_and_dynamic_ntk_match_transformers(head_dim, L0, scale):
     linear = build_position_encoding("rope", head_dim=head_dim, n_heads=4, max_seq_len=L0, scaling="linear", scale=scale)
     ref_freq, ref_factor = hf_rope("linear", head_dim, L0, scale)
     torch.testing.assert_close(linear.inv_freq(), ref_freq.float(), rtol=1e-6, atol=0)
-    assert linear.attention_factor() == ref_factor == 1.0
+    assert linear.frequencies()[1] == ref_factor == 1.0
     dynamic = build_position_encoding("rope", head_dim=head_dim, n_heads=4, max_seq_len=L0, scaling="dynamic_ntk", scale=scale)
     for seq_len in (L0 // 2, L0, 3 * L0, 16 * L0):  # transformers takes max(seq_len, L0), as we do
         ref_freq, _ = hf_rope("dynamic", head_dim, L0, scale, seq_len=seq_len)
@@ -241,7 +243,7 @@ def test_every_rotary_encoding_takes_every_scaling(name):
     if name == "fope":
         scaled.load_state_dict(plain.state_dict())
     # position interpolation is RoPE at positions / s: rotating at 4t under PI equals rotating at t unscaled
-    torch.testing.assert_close(scaled.rotate(x, torch.arange(256) * 4), plain.rotate(x, torch.arange(256)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rotate(scaled, x, torch.arange(256) * 4), rotate(plain, x, torch.arange(256)), rtol=1e-4, atol=1e-4)
 
 
 def test_scaling_options_are_checked():
@@ -263,14 +265,14 @@ def test_yarn_dynamic_scale_per_length():
     rope = build_position_encoding("rope", head_dim=64, n_heads=2, max_seq_len=L0)
     x = torch.randn(1, 2, 512, 64)
     # within L0 the dynamic scale is 1: plain RoPE
-    torch.testing.assert_close(pe.rotate(x[:, :, :100], torch.arange(100)), rope.rotate(x[:, :, :100], torch.arange(100)))
+    torch.testing.assert_close(rotate(pe, x[:, :, :100], torch.arange(100)), rotate(rope, x[:, :, :100], torch.arange(100)))
     # at T = 512 it is s = 4
     ref_freq, ref_factor = hf_yarn(64, 2, L0, 4.0)
     static = build_position_encoding("yarn", head_dim=64, n_heads=2, max_seq_len=L0, scale=4.0)
-    torch.testing.assert_close(pe.rotate(x, torch.arange(512)), static.rotate(x, torch.arange(512)))
+    torch.testing.assert_close(rotate(pe, x, torch.arange(512)), rotate(static, x, torch.arange(512)))
     # a cached decode step fixes s from the final length, not from its own position
-    step = pe.rotate(x[:, :, 200:201], torch.tensor([200]), dynamic_len=512)
-    torch.testing.assert_close(step, static.rotate(x, torch.arange(512))[:, :, 200:201])
+    step = rotate(pe, x[:, :, 200:201], torch.tensor([200]), dynamic_len=512)
+    torch.testing.assert_close(step, rotate(static, x, torch.arange(512))[:, :, 200:201])
 
 
 def test_fope_yarn_rescales_kept_frequencies_and_whole_table():
@@ -278,7 +280,8 @@ def test_fope_yarn_rescales_kept_frequencies_and_whole_table():
     pe = build_position_encoding("fope", head_dim=head_dim, n_heads=2, max_seq_len=L, scale=scale, original_max_seq_len=L0)
     freqs, factor = pe.frequencies()
     kept = kept_frequencies(head_dim, 10000.0, L)  # the floor uses the run's own L
-    expected = yarn_frequencies(kept, head_dim=head_dim, theta=10000.0, scale=scale, original_max_seq_len=L0)
+    yarn = ScalingOptions(method="yarn", scale=scale, original_max_seq_len=L0).build(max_seq_len=L)
+    expected, _ = yarn.rescale(kept, dim=head_dim, theta=10000.0, length=None)
     torch.testing.assert_close(freqs, expected)
     assert factor == pytest.approx(0.1 * math.log(scale) + 1)
     cos, sin = pe.cos_sin(torch.arange(10), device=torch.device("cpu"), dtype=torch.float32)
@@ -309,7 +312,7 @@ def test_rope_logits_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 32), torch.randn(1, 1, 1, 32)
 
     def logit(i, j):
-        return (pe.rotate(q, torch.tensor([i])) * pe.rotate(k, torch.tensor([j]))).sum()
+        return (rotate(pe, q, torch.tensor([i])) * rotate(pe, k, torch.tensor([j]))).sum()
 
     torch.testing.assert_close(logit(10, 3), logit(1000, 993), rtol=1e-4, atol=1e-4)
 
@@ -318,15 +321,15 @@ def test_rotation_with_offset_equals_slice_of_full_sequence():
     for name in ("rope", "fope", "yarn"):
         pe = build_position_encoding(name, head_dim=32, n_heads=2, max_seq_len=64)
         x = torch.randn(1, 2, 200, 32)
-        full = pe.rotate(x, torch.arange(200))
-        torch.testing.assert_close(pe.rotate(x[:, :, 150:], torch.arange(150, 200)), full[:, :, 150:])
+        full = rotate(pe, x, torch.arange(200))
+        torch.testing.assert_close(rotate(pe, x[:, :, 150:], torch.arange(150, 200)), full[:, :, 150:])
 
 
 def test_bf16_tables_use_float32_angles():
     pe = build_position_encoding("rope", head_dim=64, n_heads=1, max_seq_len=64)
     x = torch.randn(1, 1, 4096, 64)
-    exact = pe.rotate(x, torch.arange(4096))
-    half = pe.rotate(x.bfloat16(), torch.arange(4096))
+    exact = rotate(pe, x, torch.arange(4096))
+    half = rotate(pe, x.bfloat16(), torch.arange(4096))
     assert half.dtype == torch.bfloat16
     # bf16 angles would be off by whole radians at t ~ 4000; float32 angles leave only bf16 rounding
     assert (half.float() - exact).abs().max() < 0.05
@@ -393,13 +396,13 @@ def test_fope_nomix_equals_fope_with_E_loaded(length, options):
     assert torch.equal(nomix.cos_coef, eye.expand_as(nomix.cos_coef)) and torch.equal(nomix.sin_coef, nomix.cos_coef)
     assert not torch.allclose(mixed.cos_coef, nomix.cos_coef)  # the default mixes
     x, positions = torch.randn(2, 2, 1200, 64), torch.arange(1200)
-    mixed.rotate(x, positions)  # a cached table of the random init must not survive the load
+    rotate(mixed, x, positions)  # the random init's tables must not outlive the load
     mixed.load_state_dict({"cos_coef": eye.expand_as(mixed.cos_coef).clone(), "sin_coef": eye.expand_as(mixed.sin_coef).clone()})
-    torch.testing.assert_close(nomix.rotate(x, positions), mixed.rotate(x, positions), rtol=0, atol=0)
+    torch.testing.assert_close(rotate(nomix, x, positions), rotate(mixed, x, positions), rtol=0, atol=0)
     # padding kept: the pairs beyond the slots get c = s = 1, i.e. x + rot(x)
     pad = pair_channels(range(nomix.n_slots, 32), 64)
     x1, x2 = x.chunk(2, -1)
-    torch.testing.assert_close(nomix.rotate(x, positions)[..., pad], torch.cat((x1 - x2, x2 + x1), -1)[..., pad])
+    torch.testing.assert_close(rotate(nomix, x, positions)[..., pad], torch.cat((x1 - x2, x2 + x1), -1)[..., pad])
 
 
 def test_fope_nomix_step_eye_leaves_slots_without_a_frequency_dead():
@@ -431,16 +434,16 @@ def test_fope_with_every_switch_off_is_rope():
     # all frequencies, identity coefficients, one slot per pair (no padding): exactly RoPE
     fope = pe("fope", n_heads=3, clip=False, mix=False, slot_cap=False)
     x = torch.randn(1, 3, 700, 64)
-    torch.testing.assert_close(fope.rotate(x, torch.arange(700)), pe("rope", n_heads=3).rotate(x, torch.arange(700)))
+    torch.testing.assert_close(rotate(fope, x, torch.arange(700)), rotate(pe("rope", n_heads=3), x, torch.arange(700)))
 
 
 def test_fope_pad0_and_learnable_switches():
     x = torch.randn(1, 2, 50, 64)
     pad0 = pe("fope", max_seq_len=1024, pad_value=0.0)  # d_out = 16 of 32 pairs
-    assert torch.count_nonzero(pad0.rotate(x, torch.arange(50))[..., pair_channels(range(16, 32), 64)]) == 0
+    assert torch.count_nonzero(rotate(pad0, x, torch.arange(50))[..., pair_channels(range(16, 32), 64)]) == 0
     learnable = pe("fope", learnable=True, mix=False)
     assert torch.equal(learnable.cos_coef.detach(), torch.eye(16).expand(2, 16, 16))
-    learnable.rotate(x, torch.arange(50)).sum().backward()
+    rotate(learnable, x, torch.arange(50)).sum().backward()
     assert learnable.cos_coef.grad.abs().sum() > 0
 
 
@@ -451,7 +454,7 @@ def test_rope_clip_is_rope_on_kept_pairs_and_nope_on_the_others(length):
     n_kept = int((w >= 2 * math.pi / length).sum())
     assert n_kept == kept_frequencies(64, 10000.0, length).numel() and 0 < n_kept < 32
     x, positions = torch.randn(2, 2, 3 * length, 64), torch.arange(3 * length)
-    ours, theirs = clip.rotate(x, positions), rope.rotate(x, positions)
+    ours, theirs = rotate(clip, x, positions), rotate(rope, x, positions)
     for j in range(32):  # channel pair by channel pair
         channels = pair_channels([j], 64)
         reference = theirs if j < n_kept else x
@@ -465,8 +468,8 @@ def test_p_rope_interpolates_between_nope_and_rope():
     torch.testing.assert_close(logits(pe("p_rope", p=0.0), q, k), q @ k.transpose(-1, -2), rtol=0, atol=0)
     half = pe("p_rope", p=0.75)
     assert half.n_kept == 24  # round(0.75 * 32)
-    assert pe("p_rope", head_dim=32, p=0.3).n_kept == 5  # round(4.8)
-    out, rope = half.rotate(q, torch.arange(300)), pe("rope").rotate(q, torch.arange(300))
+    assert pe("p_rope", head_dim=32, p=0.3).n_kept == 4  # int(0.3 * 32 // 2), as gemma and transformers keep them
+    out, rope = rotate(half, q, torch.arange(300)), rotate(pe("rope"), q, torch.arange(300))
     kept, free = pair_channels(range(24), 64), pair_channels(range(24, 32), 64)
     torch.testing.assert_close(out[..., kept], rope[..., kept], rtol=0, atol=0)
     torch.testing.assert_close(out[..., free], q[..., free], rtol=0, atol=0)
@@ -478,17 +481,17 @@ def test_partial_rope_rotates_a_prefix_with_its_own_frequencies():
     x = torch.randn(2, 2, 400, 64)
     positions = torch.arange(400)
     full = pe("partial_rope", fraction=1.0)
-    torch.testing.assert_close(full.rotate(x, positions), pe("rope").rotate(x, positions), rtol=0, atol=0)
+    torch.testing.assert_close(rotate(full, x, positions), rotate(pe("rope"), x, positions), rtol=0, atol=0)
     quarter = pe("partial_rope", fraction=0.25)
     assert quarter.rot_dim == 16 and pe("partial_rope", fraction=0.3).rot_dim == 18  # int(19.2) rounded down to even
-    out = quarter.rotate(x, positions)
+    out = rotate(quarter, x, positions)
     assert torch.equal(out[..., 16:], x[..., 16:])  # the last 3/4 of the dims untouched
     # the first 16 dims: RoPE of a 16-dim head, w_i = theta^(-2i/16), pairs (i, i + 8)
     angles = torch.outer(positions.float(), 10000.0 ** (-torch.arange(0, 16, 2) / 16))
     torch.testing.assert_close(out[..., :16], apply_rotary(x[..., :16], angles.cos(), angles.sin()))
     q, k = quarter.rotate_qk(x, x.flip(0), positions)
-    torch.testing.assert_close(k, quarter.rotate(x.flip(0), positions))
-    assert torch.equal(pe("partial_rope", fraction=0.0).rotate(x, positions), x)
+    torch.testing.assert_close(k, rotate(quarter, x.flip(0), positions))
+    assert torch.equal(rotate(pe("partial_rope", fraction=0.0), x, positions), x)
 
 
 def test_rotary_frequencies_hook():

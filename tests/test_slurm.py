@@ -16,12 +16,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fope_lm import sweep
-from fope_lm.checkpoint import checkpoint_step, find_latest_checkpoint
-from fope_lm.config import TrainConfig, build_model_config
-from fope_lm.metrics import read_metrics
-from fope_lm.model import Transformer
+from fope_lm.nn.model import Transformer
+from fope_lm.run_dir import RunDir, checkpoint_step
 from fope_lm.schema import validated
+from fope_lm.training import sweep
+from fope_lm.training.config import TrainConfig, build_model_config
+from fope_lm.training.metrics import read_metrics
 
 from conftest import REPO
 
@@ -201,7 +201,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
     first.send_signal(signal.SIGUSR1)  # what SLURM sends to the batch shell before the time limit
     output = first.communicate(timeout=600)[0]
     assert first.returncode == 0, output[-4000:]
-    checkpoint = find_latest_checkpoint(run_dir)
+    checkpoint = RunDir(run_dir).latest_checkpoint()
     stopped_at = checkpoint_step(checkpoint)
     assert stopped_at == 4
     assert f"requeue {job_id}" in log.read_text()
@@ -228,7 +228,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
     resumed = steps[steps.index(stopped_at) + 1 :]
     assert resumed == list(range(stopped_at + 1, 61)), "the resumed run continues at the next step"
     assert log.read_text().count("requeue") == 1  # no USR1 the second time: no requeue
-    assert checkpoint_step(find_latest_checkpoint(run_dir)) == 60
+    assert checkpoint_step(RunDir(run_dir).latest_checkpoint()) == 60
 
 
 @pytest.mark.parametrize("pe", ["rope", "yarn", "fope"])

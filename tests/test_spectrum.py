@@ -1,4 +1,4 @@
-"""fope_lm.spectrum: the logit spectrum by distance against synthetic curves and dense references, and
+"""fope_lm.evaluation.spectrum: the logit spectrum by distance against synthetic curves and dense references, and
 scripts/analyze_spectrum.py on tiny checkpoints."""
 
 import json
@@ -12,10 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fope_lm import spectrum
 from fope_lm.checkpoint import save_model
 from fope_lm.errors import DataError
-from fope_lm.model import build_model
+from fope_lm.evaluation import spectrum
+from fope_lm.nn.model import build_model
 from fope_lm.position import BiasInputs
 from fope_lm.position.fope import kept_frequencies
 

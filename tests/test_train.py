@@ -16,11 +16,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from fope_lm.checkpoint import find_latest_checkpoint, list_checkpoints, load_state_dict, transfer_weights
+from fope_lm.checkpoint import load_state_dict, transfer_weights
 from fope_lm.errors import CheckpointError
 from fope_lm.faults import tensor_digest
-from fope_lm.metrics import read_metrics
-from fope_lm.train import plan
+from fope_lm.run_dir import RunDir
+from fope_lm.training.metrics import read_metrics
+from fope_lm.training.trainer import plan
 
 from helpers.training import TINY, assert_same_weights, compose_config, digests, launch, trajectory
 
@@ -50,28 +51,28 @@ def test_interrupted_run_resumes_bitwise(reference, data_root, runs):
 
     result = go("sigterm_at_step:3", resume="resume=null")
     assert "stopped at step 3 (SIGTERM)" in result.output
-    assert find_latest_checkpoint(run_dir).name == "step_000003"
+    assert RunDir(run_dir).latest_checkpoint().name == "step_000003"
 
     result = go("stop_file_at_step:5")
     assert "resumed" in result.output and "at step 3" in result.output
     assert "stopped at step 5 (stop file" in result.output
-    assert find_latest_checkpoint(run_dir).name == "step_000005"
+    assert RunDir(run_dir).latest_checkpoint().name == "step_000005"
     assert not (run_dir / "STOP").exists()  # consumed, so that the next resume does not stop at once
 
     go("kill_during_save:8", expect_rc=-9)
     half_written = run_dir / "checkpoints" / "step_000008.tmp"
     assert (half_written / "model.safetensors").is_file() and not (half_written / "COMPLETE").exists()
-    assert find_latest_checkpoint(run_dir).name == "step_000005"  # never the half-written one
+    assert RunDir(run_dir).latest_checkpoint().name == "step_000005"  # never the half-written one
 
     result = go("kill_after_step:10", expect_rc=-9)
     assert "at step 5" in result.output and not half_written.exists()
-    assert find_latest_checkpoint(run_dir).name == "step_000008"
+    assert RunDir(run_dir).latest_checkpoint().name == "step_000008"
     with open(run_dir / "metrics.jsonl", "a") as metrics:  # what a kill in the middle of a record's write leaves
         metrics.write('{"step": 10, "train/lo')
 
     result = go()
     assert "at step 8" in result.output and "dropped a torn last line" in result.output
-    assert [path.name for path in list_checkpoints(run_dir)] == ["step_000005", "step_000008", "step_000012"]  # keep_last=3
+    assert [path.name for path in RunDir(run_dir).list_checkpoints()] == ["step_000005", "step_000008", "step_000012"]  # keep_last=3
     assert len(trajectory(reference)) == 12
     assert trajectory(run_dir) == trajectory(reference)
     assert_same_weights(run_dir / "checkpoints/step_000012", reference / "checkpoints/step_000012")
@@ -121,7 +122,11 @@ def test_resume_never_discards_another_trajectory_without_overwrite(reference, p
     with pytest.raises(CheckpointError, match=r"checkpoints of its own \(step_000004, step_000008, step_000012\)"):
         plan_with("+pe=fope", "run_name=ref", f"resume={other / 'checkpoints' / 'step_000004'}")
     assert plan_with("+pe=fope", "run_name=ref", f"resume={older}", "overwrite=true").resume_from == older
-    assert [path.name for path in list_checkpoints(reference)] == ["step_000004", "step_000008", "step_000012"]  # planning deletes nothing
+    assert [path.name for path in RunDir(reference).list_checkpoints()] == [
+        "step_000004",
+        "step_000008",
+        "step_000012",
+    ]  # planning deletes nothing
 
 
 def test_continue_another_runs_checkpoint_then_extend_it(reference, data_root, runs):
@@ -181,7 +186,7 @@ def test_nonfinite_loss_and_eval_hooks(data_root, runs):
     args = [*TINY, "train.max_steps=4", "train.save_interval=1"]
     result = launch([*args, "run_name=nan-stop"], data_root=data_root, runs=runs, fault="nan_loss_at_step:2", expect_rc=1)
     assert result.stderr.strip().splitlines()[-1].startswith("error: non-finite loss nan")
-    assert [path.name for path in list_checkpoints(runs / "nan-stop")] == ["step_000001"]
+    assert [path.name for path in RunDir(runs / "nan-stop").list_checkpoints()] == ["step_000001"]
 
     hook = ["+train.eval_hooks.probe._target_=helpers.training.probe_hook", "+train.eval_hooks.probe.scale=10"]
     launch([*args, *hook, "run_name=nan-skip", "train.on_nonfinite=skip"], data_root=data_root, runs=runs, fault="nan_loss_at_step:2")
@@ -195,7 +200,7 @@ def test_nonfinite_loss_and_eval_hooks(data_root, runs):
 def test_init_from_carries_weights_into_new_pe_and_length(reference, data_root, runs):
     source_fope = reference / "checkpoints" / "step_000012"
     launch([*TINY, "run_name=rope-src", "train.max_steps=2"], data_root=data_root, runs=runs)
-    source_rope = find_latest_checkpoint(runs / "rope-src")
+    source_rope = RunDir(runs / "rope-src").latest_checkpoint()
     at_2x = ["train.seq_len=64", "train.max_steps=2", "train.eval_interval=2"]
 
     # RoPE-32 -> YaRN at 64 (scale 2)
@@ -220,19 +225,19 @@ def test_init_from_carries_weights_into_new_pe_and_length(reference, data_root, 
     start = digests(runs / "fope-2x", 0)["start"]
     assert start["blocks.1.mlp.up.weight"] == tensor_digest(source["blocks.1.mlp.up.weight"])
     assert start["embed.weight"] == tensor_digest(source["embed.weight"])
-    trained = load_state_dict(find_latest_checkpoint(runs / "fope-2x"))  # frozen coefficients: as initialised
+    trained = load_state_dict(RunDir(runs / "fope-2x").latest_checkpoint())  # frozen coefficients: as initialised
     for layer in range(2):
         for coef in ("cos_coef", "sin_coef"):
             old, new = source[f"blocks.{layer}.attn.pe.{coef}"], trained[f"blocks.{layer}.attn.pe.{coef}"]
             assert old.shape == (4, 3, 3) and new.shape == (4, 5, 5)
             assert torch.equal(new[:, :3, :3], old)
             assert not new[:, 3:].any() and not new[:, :, 3:].any()
-    model_config = json.loads((find_latest_checkpoint(runs / "fope-2x") / "model_config.json").read_text())
+    model_config = json.loads((RunDir(runs / "fope-2x").latest_checkpoint() / "model_config.json").read_text())
     assert model_config["train_seq_len"] == 64 and model_config["pe"] == "fope" and model_config["step"] == 2
 
 
 def test_init_from_refuses_other_shapes(reference):
-    from fope_lm.model import build_model
+    from fope_lm.nn.model import build_model
 
     with pytest.raises(CheckpointError, match=r"do not fit the model \(shape mismatch embed\.weight \(8192, 128\) vs \(8192, 64\)"):
         transfer_weights(build_model("tiny", pe="yarn", vocab_size=8192, d_model=64), reference / "checkpoints/step_000012")
@@ -267,10 +272,10 @@ def test_ddp_two_processes_train_and_resume_bitwise(data_root, runs):
     args = [*DIST, "run_name=ddp-chain"]
     result = launch(args, data_root=data_root, runs=runs, processes=2, fault="sigterm_at_step:6:1")
     assert "stopped at step 6" in result.output
-    checkpoint = find_latest_checkpoint(runs / "ddp-chain")
+    checkpoint = RunDir(runs / "ddp-chain").latest_checkpoint()
     assert checkpoint.name == "step_000006" and {p.name for p in checkpoint.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     launch([*args, "resume=auto"], data_root=data_root, runs=runs, processes=2, fault="kill_after_step:13", expect_rc="nonzero")
-    assert find_latest_checkpoint(runs / "ddp-chain").name == "step_000010"
+    assert RunDir(runs / "ddp-chain").latest_checkpoint().name == "step_000010"
     launch([*args, "resume=auto"], data_root=data_root, runs=runs, processes=2)
     assert trajectory(runs / "ddp-chain") == trajectory(runs / "ddp")
     assert_same_weights(runs / "ddp-chain/checkpoints/step_000024", runs / "ddp/checkpoints/step_000024")

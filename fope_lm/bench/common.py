@@ -6,21 +6,16 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+from fope_lm import devices
+from fope_lm.devices import resolve_autocast
 
 
 def autocast(device: torch.device, dtype: str):
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    """The benchmarks' --dtype (bf16 or fp32) as an autocast context."""
+    return devices.autocast(device, resolve_autocast(dtype, device))
 
 
 def synchronize(device: torch.device) -> None:

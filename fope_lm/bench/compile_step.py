@@ -19,10 +19,11 @@ import time
 
 import torch
 
-from fope_lm.bench.common import make_train_step, pick_device, print_table, time_interleaved
+from fope_lm.bench.common import make_train_step, print_table, time_interleaved
 from fope_lm.bench.eval_memory import PeakMemory
 from fope_lm.bench.graphs import graph_breaks
-from fope_lm.model import build_model
+from fope_lm.devices import resolve_device
+from fope_lm.nn.model import build_model
 from fope_lm.position import available
 
 
@@ -109,7 +110,7 @@ def activation_memory(preset: str, *, seq_len: int, batch: int, vocab: int, devi
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device, sections = pick_device(args.device), set(args.only.split(","))
+    device, sections = resolve_device(args.device), set(args.only.split(","))
     torch.manual_seed(0)
     results: dict = {"env": {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}}
     if "graphs" in sections:

@@ -31,8 +31,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fope_lm.bench.common import autocast, pick_device, print_table, synchronize
-from fope_lm.model import build_model
+from fope_lm.bench.common import autocast, print_table, synchronize
+from fope_lm.devices import resolve_device
+from fope_lm.nn.model import build_model
 
 
 def parse_args(argv=None):
@@ -136,7 +137,7 @@ def eval_round(models: dict, ids: torch.Tensor, length: int, **forward_kwargs) -
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     dtype = args.dtype
     torch.manual_seed(0)
     lengths: list[int] = []

@@ -13,7 +13,7 @@ On the GPU, with bf16 autocast (float32 weights and AdamW, as the trainer runs),
                 after a warm-up at 64k, round-robin at each T: torch.cuda.max_memory_allocated above what was
                 allocated before the forward, and time per token;
   mfu           train-step tokens/s, peak memory and MFU = tokens/s x model.flops_per_token(T) (6N + 12 x layers x
-                d_model x T) / the GPU's peak dense bf16 FLOP/s (fope_lm.metrics.PEAK_BF16_TFLOPS: H100 SXM and
+                d_model x T) / the GPU's peak dense bf16 FLOP/s (fope_lm.training.metrics.PEAK_BF16_TFLOPS: H100 SXM and
                 H200 989e12, A100 312e12, ...) of `60m`, `180m` and `1b` (RoPE; --mfu-pe) at T = 512 and 1024,
                 16384 tokens per step, eager and torch.compile'd (in place, as train.compile does; the compiling
                 first step is reported apart), with PyTorch SDPA, and with flash-attn when it is installed (else
@@ -24,7 +24,7 @@ Every configuration writes one JSON line to --out as soon as it finishes (flushe
 first, and once one takes longer than the group's budget the larger ones are skipped; nothing starts after
 --budget seconds. --only runs some groups (e.g. a second run for what the first one skipped).
 
-It imports torch, transformers, fope_lm's model code and fope_lm.metrics's peak table (no Hydra or accelerate
+It imports torch, transformers, fope_lm's model code and fope_lm.training.metrics's peak table (no Hydra or accelerate
 start-up). Models are initialised on the device they run on. With --dry-run
 the same code runs on CPU in fp32 with the `tiny` preset, tiny lengths, one timed step, and compile's graph
 capture without code generation (backend "eager"), so that a test keeps it from rotting.
@@ -46,13 +46,13 @@ import torch
 import torch._functorch.config
 import transformers
 
-import fope_lm.attention
+import fope_lm.nn.attention
 from fope_lm.bench import eval_memory, pe_overhead, step_vs_hf
 from fope_lm.bench.common import make_train_step, print_table, time_interleaved
 from fope_lm.bench.graphs import graph_breaks
-from fope_lm.metrics import peak_flops
-from fope_lm.model import build_model
+from fope_lm.nn.model import build_model
 from fope_lm.position import available
+from fope_lm.training.metrics import peak_flops
 
 GROUPS = ("graphs", "step_vs_hf", "pe_overhead", "eval_memory", "mfu")
 
@@ -273,7 +273,7 @@ def main(argv=None) -> None:
 
 
 def run_groups(suite: Suite, groups: set[str], sizes: Sizes, device: torch.device, mfu_pe: str) -> None:
-    flash_installed = fope_lm.attention.flash_attn_funcs() is not None
+    flash_installed = fope_lm.nn.attention.flash_attn_funcs() is not None
     suite.write(
         {
             "group": "env",

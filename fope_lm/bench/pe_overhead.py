@@ -14,16 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from fope_lm.bench.common import make_train_step, pick_device, print_table, time_interleaved
-from fope_lm.model import build_model
+from fope_lm.bench.common import make_train_step, print_table, time_interleaved
+from fope_lm.devices import resolve_device
+from fope_lm.nn.model import build_model
+from fope_lm.paths import CONFIG_DIR
 from fope_lm.position import available
 
-PE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pe"
+PE_CONFIGS = CONFIG_DIR / "pe"
 
 
 def pe_options(pe: str) -> dict:
@@ -81,7 +82,7 @@ def compare(
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     pes = all_pes() if args.pes == "all" else args.pes.split(",")
     if unknown := sorted(set(pes) - set(available())):
         raise SystemExit(f"--pes: {unknown[0]} is not a registered position encoding; the registry has {', '.join(available())}")

@@ -17,7 +17,7 @@ import torch
 from transformers import OlmoConfig, OlmoForCausalLM
 
 from fope_lm.bench.common import make_train_step, print_table, time_interleaved
-from fope_lm.model import build_model, preset_config
+from fope_lm.nn.model import build_model, preset_config
 
 
 def ours(preset: str, vocab: int, seq_len: int) -> torch.nn.Module:

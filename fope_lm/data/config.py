@@ -6,7 +6,7 @@ import platform
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -24,6 +24,13 @@ class DataSource(Choice):
     npy = "npy"  # OLMo's pre-tokenized token files, used in place
 
 
+class Instances(Choice):
+    """How training cuts the train split into instances (fope_lm.data.dataset.TrainBatches)."""
+
+    per_file = "per_file"  # OLMo's: each token file on its own, size // seq_len instances, its remainder dropped (npy)
+    stream = "stream"  # the split as one concatenated stream, windows every seq_len tokens (may cross files)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from, how it is tokenized and where the prepared shards live (the values: the data group,
@@ -32,15 +39,16 @@ class DataConfig:
     name: str = MISSING  # the prepared dir is <root>/<name> (embedded: <root>/<name>-py<python version>)
     source: DataSource = MISSING
     root: str = "data"
-    tokenizer: Optional[str] = None  # hub id or local dir; None: DEFAULT_TOKENIZER, or for embedded its own BPE
-    hf_path: Optional[str] = None
-    hf_name: Optional[str] = None
+    tokenizer: str | None = None  # hub id or local dir; None: DEFAULT_TOKENIZER, or for embedded its own BPE
+    hf_path: str | None = None
+    hf_name: str | None = None
     text_field: str = "text"
     paths: Any = None  # split -> files or globs, e.g. {"train": [...], "validation": [...]} (one path or a list: train)
-    max_tokens_train: Optional[int] = None
-    max_tokens_validation: Optional[int] = None
+    max_tokens_train: int | None = None
+    max_tokens_validation: int | None = None
     validation_every: int = 10  # without a validation split, every n-th document is held out
-    dtype: Optional[str] = None  # source=npy: the files' token dtype, uint16 (the default) or uint32
+    dtype: str | None = None  # source=npy: the files' token dtype, uint16 (the default) or uint32
+    instances: Instances | None = None  # per_file | stream; None: per_file for source=npy (OLMo's), else stream
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)  # frozen: the normalised values are set once, here
@@ -64,7 +72,19 @@ class DataConfig:
             if self.dtype not in ("uint16", "uint32"):
                 raise ConfigError(f"data.dtype must be uint16 or uint32 (the token files' dtype), got {self.dtype!r}")
         elif self.dtype is not None:
-            raise ConfigError(f"data.dtype applies to source=npy only (prepare picks the dtype of the shards it writes), got {self.dtype!r}")
+            raise ConfigError(
+                f"data.dtype applies to source=npy only (prepare picks the dtype of the shards it writes), got {self.dtype!r}"
+            )
+        if self.instances is None:
+            set_field("instances", default_instances(self.source))
+        if self.instances not in Instances.__members__:
+            raise ConfigError(f"data.instances={self.instances!r} is not one of {Instances.names()}")
+        set_field("instances", Instances(self.instances))
+        if self.instances == Instances.per_file and self.source != DataSource.npy:
+            raise ConfigError(
+                f"data.instances=per_file applies to source=npy only (OLMo's token files), not source={self.source}: "
+                "use data.instances=stream or null"
+            )
         for key in ("max_tokens_train", "max_tokens_validation"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"data.{key} must be a positive integer or null, got {getattr(self, key)!r}")
@@ -83,12 +103,22 @@ class DataConfig:
         return Path(self.root) / self.name
 
     def to_dict(self) -> dict:
-        """Everything that determines the prepared data (all fields but `root`), as recorded in metadata.json."""
-        values = dataclasses.asdict(self) | {"source": str(self.source)}
+        """Everything that determines the prepared data and the instances training cuts from it (all fields but
+        `root`), as recorded in metadata.json: `TokenData.instances` reads the cut from there, and a config with
+        another cut is refused like any other change (re-prepare, or use another name)."""
+        values = dataclasses.asdict(self) | {"source": str(self.source), "instances": str(self.instances)}
         del values["root"]
         if values["dtype"] is None:  # dirs prepared before the field existed have no such key
             del values["dtype"]
+        if self.source != DataSource.npy:  # likewise; and they can only be read as one stream
+            del values["instances"]
         return values
+
+
+def default_instances(source: DataSource) -> Instances:
+    """OLMo's per-file instances for its token files (so the paper's data gives the paper's instances), else the
+    stream: prepare's own shards are cuts of one stream, whose boundaries mean nothing."""
+    return Instances.per_file if source == DataSource.npy else Instances.stream
 
 
 def _split_paths(paths) -> dict[str, list[str]]:
@@ -118,7 +148,8 @@ def prepare_command(cfg: DataConfig, *, overwrite: bool = False) -> str:
         try:
             values = dataclasses.asdict(DataConfig.from_cfg(values))
         except ConfigError:  # a base that needs overrides to be valid at all (e.g. local's paths): compare as written
-            pass
+            if values.get("instances") is None:  # unset: its source's default
+                values["instances"] = default_instances(cfg.source)
         overrides = [override for key in wanted for override in _overrides(key, values.get(key), wanted[key])]
         if best is None or len(overrides) < best[0]:
             best = (len(overrides), path.stem, overrides)

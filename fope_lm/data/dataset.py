@@ -1,4 +1,4 @@
-"""Readers of a prepared dataset: training windows in a seeded, resumable global order, and a fixed validation
+"""Readers of a prepared dataset: training rows in a seeded, resumable global order, and a fixed validation
 prefix that every eval length cuts into chunks the same way."""
 
 import bisect
@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fope_lm.data.config import Instances
 from fope_lm.data.format import (
     SPLITS,
     TOKENIZER_DIR,
     VERIFIED_DIR,
     compute_fingerprint,
-    rebuild_command,
     read_metadata,
+    rebuild_command,
     sha256_file,
     write_json,
 )
@@ -28,6 +29,7 @@ from fope_lm.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 _SCAN_TOKENS = 2**24  # tokens per chunk when scanning a shard (flat memory)
+NO_TARGET = -100  # a label the loss ignores (the model's ignore_index)
 
 
 class TokenData:
@@ -45,8 +47,7 @@ class TokenData:
         self._shards = {split: self.metadata["splits"][split]["shards"] for split in SPLITS}
         # offsets[split][k] is the position of shard k's first token in the split's stream
         self._offsets = {
-            split: np.cumsum([0] + [shard["num_tokens"] for shard in shards]).tolist()
-            for split, shards in self._shards.items()
+            split: np.cumsum([0] + [shard["num_tokens"] for shard in shards]).tolist() for split, shards in self._shards.items()
         }
         for shard in (shard for shards in self._shards.values() for shard in shards):
             self._check_shard_size(shard)
@@ -74,8 +75,17 @@ class TokenData:
         """Load with `transformers.AutoTokenizer.from_pretrained(data.tokenizer_dir)` (offline)."""
         return self.dir / TOKENIZER_DIR
 
+    @property
+    def instances(self) -> Instances:
+        """How training cuts the train split (data.instances, recorded at prepare); dirs without it: the stream."""
+        return Instances(self.metadata.get("config", {}).get("instances", Instances.stream))
+
     def num_tokens(self, split: str) -> int:
         return self._offsets[split][-1]
+
+    def shard_offsets(self, split: str) -> list[int]:
+        """The position of each shard's first token in the split's stream, then the split's length."""
+        return list(self._offsets[split])
 
     def check_vocab(self, model_vocab_size: int) -> None:
         """Raise DataError unless every token id of the data and of its tokenizer fits a model of this vocab size."""
@@ -120,10 +130,7 @@ class TokenData:
                     raise DataError(f"shard {path} does not match its sha256 in metadata.json: {fix}")
             recorded = self.metadata["splits"][split]["max_token_id"]
             if max_token_id != recorded:
-                raise DataError(
-                    f"the {split} split of {self.dir} has max token id {max_token_id}, "
-                    f"metadata.json says {recorded}: {fix}"
-                )
+                raise DataError(f"the {split} split of {self.dir} has max token id {max_token_id}, metadata.json says {recorded}: {fix}")
         tokenizer_file = self.tokenizer_dir / "tokenizer.json"
         if not tokenizer_file.is_file() or sha256_file(tokenizer_file) != self.metadata["tokenizer"]["sha256"]:
             raise DataError(f"{tokenizer_file} is missing or is not the tokenizer the shards were made with: {fix}")
@@ -171,7 +178,7 @@ class TokenData:
         shards = [np.memmap(self.dir / shard["file"], dtype=self.dtype, mode="r") for shard in self._shards[split]]
         offsets = self._offsets[split]
         windows = np.empty((len(starts), length), dtype=np.int64)
-        for window, start in zip(windows, starts):
+        for window, start in zip(windows, starts, strict=True):
             if not 0 <= start <= offsets[-1] - length:
                 raise IndexError(f"window [{start}, {start + length}) is outside the {offsets[-1]} {split} tokens")
             filled = 0
@@ -190,10 +197,7 @@ class TokenData:
 
     def _check_shard_size(self, shard: dict) -> None:
         path = self.dir / shard["file"]
-        fix = (
-            "the data dir is incomplete or was modified; re-prepare it: "
-            f"`{rebuild_command(self.dir, self.metadata, overwrite=True)}`"
-        )
+        fix = f"the data dir is incomplete or was modified; re-prepare it: `{rebuild_command(self.dir, self.metadata, overwrite=True)}`"
         if not path.is_file():
             raise DataError(f"shard {path} listed in metadata.json is missing: {fix}")
         expected = shard["num_tokens"] * self.dtype.itemsize
@@ -205,14 +209,20 @@ class TokenData:
 
 
 class TrainBatches:
-    """Training windows of `seq_len + 1` tokens in a seeded global order, split across data-parallel ranks.
+    """Training rows of `seq_len + 1` tokens (inputs row[:-1], labels row[1:]) in a seeded global order, split
+    across data-parallel ranks. The samples depend on `data.instances`:
 
-    Sample i is tokens[i*T : i*T + T + 1] of the train stream (inputs window[:-1], labels window[1:]; windows may
-    cross shard boundaries), for i < num_samples = (N - 1) // T. Epoch e visits every sample once, in the order of
-    a permutation drawn from `np.random.default_rng((seed, e))`; epochs follow each other in one infinite order.
-    Global step s takes the order positions [s*G, (s+1)*G), and rank r its contiguous slice of G/W, so the order
-    does not depend on the world size, and the position (samples consumed) resumes at any world size.
-    The current epoch's permutation is held in memory: 8 bytes per sample.
+    - stream: sample i is tokens[i*T : i*T + T + 1] of the train stream (rows may cross shard boundaries), for
+      i < num_samples = (N - 1) // T.
+    - per_file (source=npy; OLMo's MemMapDataset and OLMo-core's NumpyFSLDataset): file f holds size_f // T
+      instances, its tokens[j*T : (j+1)*T] (the remainder dropped), numbered across the files in order; sample i
+      is instance i. Its row is the instance plus NO_TARGET: the model's inputs are exactly OLMo's instance, and
+      the labels the instance shifted with no target at the last position, as OLMo's loss has it.
+
+    Epoch e visits every sample once, in the order of a permutation drawn from `np.random.default_rng((seed, e))`;
+    epochs follow each other in one infinite order. Global step s takes the order positions [s*G, (s+1)*G), and
+    rank r its contiguous slice of G/W, so the order does not depend on the world size, and the position (samples
+    consumed) resumes at any world size. The current epoch's permutation is held in memory: 8 bytes per sample.
     """
 
     def __init__(
@@ -227,21 +237,31 @@ class TrainBatches:
     ):
         if global_batch_size % world_size:
             raise DataError(
-                f"global_batch_size={global_batch_size} is not divisible by world_size={world_size}: "
-                f"use a multiple of {world_size}"
+                f"global_batch_size={global_batch_size} is not divisible by world_size={world_size}: use a multiple of {world_size}"
             )
         if not 0 <= rank < world_size or seq_len < 1 or global_batch_size < 1:
             raise ValueError(f"invalid {rank=}, {world_size=}, {seq_len=} or {global_batch_size=}")
-        num_tokens = data.num_tokens("train")
-        if num_tokens < seq_len + 1:
-            raise DataError(
-                f"seq_len={seq_len} needs at least {seq_len + 1} train tokens, but {data.dir} has only "
-                f"{num_tokens}: use a shorter seq_len or prepare more data"
-            )
-        self.data, self.seq_len, self.seed = data, seq_len, seed
+        self.data, self.seq_len, self.seed, self.instances = data, seq_len, seed, data.instances
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.local_batch_size = global_batch_size // world_size
-        self.num_samples = (num_tokens - 1) // seq_len
+        if self.instances == Instances.per_file:
+            offsets = np.array(data.shard_offsets("train"))
+            self._file_starts = offsets[:-1]  # each file's first token in the stream
+            self._first_samples = np.cumsum([0, *(np.diff(offsets) // seq_len)])  # each file's first instance
+            self.num_samples = int(self._first_samples[-1])
+            if self.num_samples == 0:
+                raise DataError(
+                    f"seq_len={seq_len} is longer than every train file of {data.dir} (data.instances=per_file cuts "
+                    "each file on its own): use a shorter seq_len, or data.instances=stream"
+                )
+        else:
+            num_tokens = data.num_tokens("train")
+            if num_tokens < seq_len + 1:
+                raise DataError(
+                    f"seq_len={seq_len} needs at least {seq_len + 1} train tokens, but {data.dir} has only "
+                    f"{num_tokens}: use a shorter seq_len or prepare more data"
+                )
+            self.num_samples = (num_tokens - 1) // seq_len
         self.samples_consumed = 0  # global, over all ranks and epochs
         self._orders: dict[int, np.ndarray] = {}
 
@@ -258,7 +278,16 @@ class TrainBatches:
         first = self.samples_consumed + self.rank * self.local_batch_size
         samples = self._samples_at(np.arange(first, first + self.local_batch_size))
         self.samples_consumed += self.global_batch_size
-        return torch.from_numpy(self.data.read("train", samples * self.seq_len, self.seq_len + 1))
+        return torch.from_numpy(self.rows(samples))
+
+    def rows(self, samples: np.ndarray) -> np.ndarray:
+        """The rows (n, seq_len + 1) of sample indices `samples`, as int64."""
+        if self.instances == Instances.stream:
+            return self.data.read("train", samples * self.seq_len, self.seq_len + 1)
+        files = np.searchsorted(self._first_samples, samples, side="right") - 1  # empty files are skipped
+        starts = self._file_starts[files] + (samples - self._first_samples[files]) * self.seq_len
+        instances = self.data.read("train", starts, self.seq_len)  # each lies within its file
+        return np.concatenate([instances, np.full((len(samples), 1), NO_TARGET, dtype=np.int64)], axis=1)
 
     def state_dict(self) -> dict:
         return {
@@ -266,6 +295,7 @@ class TrainBatches:
             "epoch": self.epoch,
             "seed": self.seed,
             "seq_len": self.seq_len,
+            "instances": str(self.instances),
             "data_fingerprint": self.data.fingerprint,
         }
 
@@ -278,6 +308,12 @@ class TrainBatches:
                     f"the saved data position is for {key}={state[key]}, but this run uses {key}={getattr(self, key)}: "
                     f"resume with {key}={state[key]}, or start a new run"
                 )
+        saved = state.get("instances", Instances.stream)  # checkpoints of older code read the stream
+        if saved != self.instances:
+            raise DataError(
+                f"the saved data position is for data.instances={saved}, but this run uses data.instances={self.instances}: "
+                f"resume with data.instances={saved} (its data prepared with it), or start a new run"
+            )
         self.samples_consumed = state["samples_consumed"]
 
     def _samples_at(self, positions: np.ndarray) -> np.ndarray:

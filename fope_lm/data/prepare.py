@@ -50,6 +50,7 @@ from fope_lm.data.format import (
     write_json,
     write_metadata,
 )
+from fope_lm.faults import prepare_kill_after_units
 from fope_lm.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -435,7 +436,7 @@ def _encode_units(work: Path, units: _Units, tokenizer, dtype: np.dtype, max_tok
     finished = {i: info for i in range(units.count) if (info := _read_json(work / f"unit_{i:05d}.json")) is not None}
     if finished:
         logger.info("%s: %d of %d units were tokenized by an earlier run; continuing", work.name, len(finished), units.count)
-    kill_after = _fault_kill_after_units()
+    kill_after = prepare_kill_after_units()
     pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 and units.count > 1 else None
     pieces: list[dict] = []
     pending: collections.deque = collections.deque()
@@ -467,12 +468,6 @@ def _encode_units(work: Path, units: _Units, tokenizer, dtype: np.dtype, max_tok
     for name in work.glob("*.tmp"):
         name.unlink()  # left by a killed worker or a unit past the cap
     return [{**info, "path": work / info["file"]} for info in pieces]
-
-
-def _fault_kill_after_units() -> int | None:
-    """FOPE_FAULT=prepare_kill_after_units:N (fope_lm.faults): SIGKILL the prepare once N units are newly finished."""
-    kind, _, count = os.environ.get("FOPE_FAULT", "").partition(":")
-    return int(count) if kind == "prepare_kill_after_units" else None
 
 
 def _read_json(path: Path) -> dict | None:

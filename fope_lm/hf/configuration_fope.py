@@ -1,4 +1,4 @@
-"""`transformers` config of an exported fope_lm model: the fields of `fope_lm.model.ModelConfig`, as they are.
+"""`transformers` config of an exported fope_lm model: the fields of `fope_lm.nn.model.ModelConfig`, as they are.
 
 The exporter writes every ModelConfig field (d_model, n_layers, n_heads, vocab_size, max_seq_len, mlp_ratio,
 tie_embeddings, norm_eps, init_std, rope_theta, pe, pe_options) into config.json, and the model rebuilds its

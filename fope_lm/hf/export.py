@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from fope_lm.checkpoint import load_model, recorded_data_dir, resolve_checkpoint
+from fope_lm.checkpoint import load_model
 from fope_lm.data.format import TOKENIZER_DIR
 from fope_lm.errors import FopeError
 from fope_lm.hf.configuration_fope import FopeConfig
 from fope_lm.hf.llama import export_llama, generation_config_for, native_rope_parameters
 from fope_lm.hf.modeling_fope import FopeForCausalLM
+from fope_lm.position import llama_native_summary
 from fope_lm.provenance import git_sha
+from fope_lm.run_dir import recorded_data_dir, resolve_checkpoint
 
 PACKAGE = "fope_lm"
 SHIPPED = ("configuration_fope", "modeling_fope")  # modules of fope_lm.hf copied into the export
@@ -48,7 +50,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
 
     tokenizer: a dir AutoTokenizer loads; default the tokenizer of the data the checkpoint was trained on (or an
     imported checkpoint's own tokenizer/).
-    format: native (a LlamaForCausalLM directory, no Python files: rope, and YaRN / linear / dynamic-NTK scaling),
+    format: native (a LlamaForCausalLM directory, no Python files: `position.llama_native_summary()`),
     remote (remote code: every PE), auto (native when an exact equivalent exists, else remote).
     """
     if format not in FORMATS:
@@ -68,7 +70,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
     if format == "native" and not native:
         raise ExportError(
             f"{checkpoint} uses pe {model.config.pe!r} {model.config.pe_options or ''}, which transformers has no native equivalent of "
-            "(native: rope, and yarn / linear / dynamic_ntk scaling): export it with --format remote (or auto)"
+            f"(native: {llama_native_summary()}): export it with --format remote (or auto)"
         )
     if native and format != "remote":
         return export_llama(model, Path(out_dir), tok)
@@ -92,7 +94,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
 
 def recorded_tokenizer_dir(checkpoint: Path) -> Path | None:
     """An imported checkpoint's own tokenizer/, else <data_dir>/tokenizer of the data it was trained on
-    (`checkpoint.recorded_data_dir`), or None."""
+    (`run_dir.recorded_data_dir`), or None."""
     if (checkpoint / TOKENIZER_DIR).is_dir():
         return checkpoint / TOKENIZER_DIR
     if (recorded := recorded_data_dir(checkpoint)) is None:

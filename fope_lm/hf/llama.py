@@ -24,16 +24,13 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 from fope_lm.checkpoint import SOURCE_CONFIG, save_model
 from fope_lm.data.format import TOKENIZER_DIR
-from fope_lm.errors import FopeError
-from fope_lm.model import ModelConfig, Transformer
-from fope_lm.position import RotaryEncoding, build_position_encoding, get_class
+from fope_lm.errors import ConfigError, FopeError
+from fope_lm.nn.model import ModelConfig, Transformer
+from fope_lm.position import EncodingSpec
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE_HF = "config.json"
-# transformers rope types -> our scaling method; these are exact equivalents, in both directions
-ROPE_TYPES = {"default": None, "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn"}
-NATIVE_PES = ("rope", "yarn")  # encodings transformers computes natively (with the scaling above)
 
 
 class LlamaConversionError(FopeError):
@@ -72,23 +69,10 @@ def model_config_from_llama(llama: LlamaConfig, *, max_seq_len: int | None = Non
     if unsupported:
         raise LlamaConversionError(f"this Llama model has {', '.join(unsupported)}, which fope_lm's architecture cannot represent")
     rope = dict(getattr(llama, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise LlamaConversionError(f"rope_type {rope_type!r} has no equivalent here; supported: {', '.join(ROPE_TYPES)}")
-    options: dict = {}
-    if ROPE_TYPES[rope_type] is not None:
-        options = {"scaling": ROPE_TYPES[rope_type], "scale": float(rope["factor"])}
-        if rope_type == "dynamic":
-            options["original_max_seq_len"] = llama.max_position_embeddings
-        if rope_type == "yarn":
-            if any(rope.get(key) for key in ("mscale", "mscale_all_dim")) or rope.get("truncate") is False:
-                raise LlamaConversionError("yarn with mscale, mscale_all_dim or truncate=false has no equivalent here")
-            options |= {
-                "original_max_seq_len": int(rope["original_max_position_embeddings"]),
-                "attention_factor": rope.get("attention_factor"),
-                "beta_fast": float(rope.get("beta_fast") or 32.0),
-                "beta_slow": float(rope.get("beta_slow") or 1.0),
-            }
+    try:  # the position encoding asks for what it can represent exactly
+        encoding = EncodingSpec.of_rope_parameters(rope, max_position_embeddings=llama.max_position_embeddings)
+    except ConfigError as exc:
+        raise LlamaConversionError(str(exc)) from None
     heads, kv_heads = llama.num_attention_heads, llama.num_key_value_heads or llama.num_attention_heads
     return ModelConfig(
         d_model=llama.hidden_size,
@@ -102,8 +86,8 @@ def model_config_from_llama(llama: LlamaConfig, *, max_seq_len: int | None = Non
         norm_eps=float(llama.rms_norm_eps),
         init_std=float(llama.initializer_range),
         rope_theta=float(rope.get("rope_theta", getattr(llama, "rope_theta", 10000.0))),
-        pe="rope",
-        pe_options=options,
+        pe=encoding.name,
+        pe_options=encoding.options,
     )
 
 
@@ -122,9 +106,8 @@ def import_llama(source: str | Path, out_dir: str | Path, *, pe: str | None = No
     llama_config = read_llama_config(source)
     config = model_config_from_llama(llama_config, max_seq_len=max_seq_len)
     if pe is not None:
-        get_class(pe)  # a one-line error for an unknown name, before any loading
-        options = config.pe_options if issubclass(get_class(pe), RotaryEncoding) else {}  # the source's scaling carries over
-        config = ModelConfig.from_dict({**config.to_dict(), "pe": pe, "pe_options": {**options, **(pe_options or {})}})
+        carried = config.pe_options if EncodingSpec.of(pe).is_rotary else {}  # the source's scaling carries over
+        config = ModelConfig.from_dict({**config.to_dict(), "pe": pe, "pe_options": {**carried, **(pe_options or {})}})
     torch.manual_seed(seed)
     with torch.device("meta"):
         Transformer(config)  # options checked before the weights are read
@@ -175,45 +158,18 @@ def state_from_llama(llama_state: dict[str, torch.Tensor], model: Transformer) -
 # --- export ------------------------------------------------------------------------------------------------
 def native_rope_parameters(config: ModelConfig) -> dict | None:
     """transformers' rope_parameters for an exact native equivalent of this model's encoding, or None."""
-    if config.pe not in NATIVE_PES:
-        return None
-    scaling = rotary_scaling(config)
-    inverse = {ours: theirs for theirs, ours in ROPE_TYPES.items() if ours is not None}
-    if scaling.method == "none":
-        return {"rope_type": "default", "rope_theta": config.rope_theta}
-    if scaling.method not in inverse or (scaling.method == "yarn" and scaling.dynamic):
-        return None  # ntk, abf, dynamic YaRN: no native rope type computes them
-    parameters = {"rope_type": inverse[scaling.method], "rope_theta": config.rope_theta, "factor": scaling.scale}
-    if scaling.method == "yarn":
-        parameters |= {
-            "original_max_position_embeddings": scaling.original_max_seq_len,
-            "beta_fast": scaling.beta_fast,
-            "beta_slow": scaling.beta_slow,
-        }
-        if scaling.attention_factor is not None:
-            parameters["attention_factor"] = scaling.attention_factor
-    return parameters
-
-
-def rotary_scaling(config: ModelConfig):
-    """The RotaryScaling a (rotary) model config describes, read off one position-encoding module."""
-    pe = build_position_encoding(
-        config.pe, head_dim=config.head_dim, n_heads=config.n_heads, n_kv_heads=config.kv_heads, max_seq_len=config.max_seq_len,
-        theta=config.rope_theta, **config.pe_options,
-    )  # fmt: skip
-    return pe.scaling
+    native = config.pe_spec.llama_rope(theta=config.rope_theta, max_seq_len=config.max_seq_len)
+    return None if native is None else native[0]
 
 
 def llama_config_of(config: ModelConfig) -> LlamaConfig:
     """The LlamaConfig of a model whose encoding has a native equivalent (LlamaConversionError otherwise)."""
-    rope = native_rope_parameters(config)
-    if rope is None:
+    native = config.pe_spec.llama_rope(theta=config.rope_theta, max_seq_len=config.max_seq_len)
+    if native is None:
         raise LlamaConversionError(
             f"pe {config.pe!r} with options {config.pe_options} has no native transformers equivalent: export it with --format remote"
         )
-    scaling = rotary_scaling(config)
-    # dynamic NTK scales from max_position_embeddings, as our L0; the other types from the training length
-    positions = scaling.original_max_seq_len if rope["rope_type"] == "dynamic" else config.max_seq_len
+    rope, max_position_embeddings = native
     return LlamaConfig(
         vocab_size=config.padded_vocab_size,  # the padded rows stay (generation suppresses them)
         hidden_size=config.d_model,
@@ -221,7 +177,7 @@ def llama_config_of(config: ModelConfig) -> LlamaConfig:
         num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads,
         num_key_value_heads=config.kv_heads,
-        max_position_embeddings=positions,
+        max_position_embeddings=max_position_embeddings,
         rms_norm_eps=config.norm_eps,
         initializer_range=config.init_std,
         tie_word_embeddings=config.tie_embeddings,

@@ -2,7 +2,7 @@
 
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
 
-The weights are those of `fope_lm.model.Transformer` under `model.`; forward runs that same module (every position
+The weights are those of `fope_lm.nn.model.Transformer` under `model.`; forward runs that same module (every position
 encoding, FoPE coefficients and YaRN settings included), so logits equal fope_lm's. In an export directory this
 file's `fope_lm` imports read `from .fope_core import ...`: the exporter bundles fope_lm's model sources there, so
 the directory needs torch and transformers only.
@@ -14,7 +14,7 @@ the directory needs torch and transformers only.
 - No padding masks: every sequence is attended causally from its first token, so a batch is one length (right
   padding is harmless for loglikelihoods, as lm-evaluation-harness pads); an `attention_mask` with zeros raises.
 - Dynamic YaRN: pass `dynamic_len=prompt_len + max_new_tokens` to generate() for a scale that is fixed over the
-  whole continuation, as `fope_lm.generate` does; without it every forward scales for its own length.
+  whole continuation, as `fope_lm.nn.generate` does; without it every forward scales for its own length.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import torch
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fope_lm.generate import lm_logits
 from fope_lm.hf.configuration_fope import FopeConfig
-from fope_lm.model import ModelConfig, Transformer
+from fope_lm.nn.generate import lm_logits
+from fope_lm.nn.model import ModelConfig, Transformer
+from fope_lm.position import PositionEncoding
 
 # transformers 5.2x renamed the cache argument and output field `past_key_values` to `cache`; take either
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -81,7 +82,10 @@ class FopeForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module):
-        """Nothing to do: Transformer initialises itself as fope_lm does, and an export carries every tensor."""
+        """Transformer initialises itself as fope_lm does and an export carries every tensor, but not a position
+        encoding's constant buffers (ALiBi's slopes), which from_pretrained materialises empty: recompute those."""
+        if isinstance(module, PositionEncoding):
+            module.init_constants()
 
     def get_input_embeddings(self):
         return self.model.embed

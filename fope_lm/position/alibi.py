@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fope_lm.position.base import PositionEncoding, relative_distance
+from fope_lm.position.base import LinearDistanceBias, PositionEncoding, relative_distance
 from fope_lm.position.registry import register
 
 
@@ -24,17 +24,19 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 @register("alibi")
 class AlibiPositionEncoding(PositionEncoding):
+    slopes: torch.Tensor  # (H,) float32
+
     def __init__(self, **base):
         super().__init__(**base)
-        self._slopes = alibi_slopes(self.n_heads)  # constant: not state, so not in the state_dict
+        # a constant, not state: a non-persistent buffer, so it moves with the model and stays out of checkpoints
+        self.register_buffer("slopes", alibi_slopes(self.n_heads), persistent=False)
 
-    @property
-    def slopes(self) -> torch.Tensor:
-        return self._slopes
+    def init_constants(self) -> None:
+        with torch.no_grad():
+            self.slopes.copy_(alibi_slopes(self.n_heads))
 
-    @property
-    def alibi_slopes(self) -> torch.Tensor:
-        return self._slopes
+    def kernel_bias(self) -> LinearDistanceBias:
+        return LinearDistanceBias(self.slopes)
 
     @property
     def has_attention_bias(self) -> bool:
@@ -42,4 +44,4 @@ class AlibiPositionEncoding(PositionEncoding):
 
     def attention_bias(self, q_positions, k_positions):
         distance = relative_distance(q_positions, k_positions)  # i - j, (1, Tq, Tk) or (B, 1, Tq, Tk)
-        return -self._slopes.to(distance.device)[:, None, None] * distance
+        return -self.slopes[:, None, None] * distance

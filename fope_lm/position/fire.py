@@ -3,9 +3,12 @@
 A learned additive bias per head:  b_h(i, j) = f_h( psi(i - j) / psi(max(L, i)) ),  psi(x) = log(|c x| + 1),
 f: R -> R^H a small MLP (1 -> width -> H, ReLU). Normalising by the query's position maps every distance into
 [0, 1], so a longer context interpolates between distances seen in training rather than extrapolating. c and L
-are learned (L = |L_multiplier * init_L|, the threshold below which the normaliser is the constant psi(L)), as in
-the reference (mcleish7/arithmetic `cramming/architectures/embeddings.py`, `FIRE`): c = 0.1, L_multiplier = 1,
-init_L = the training length, eps = 1e-6 added to the normaliser. The bias is built per query chunk, never (T, T).
+are learned (L = |L_multiplier * init_L|, the threshold below which the normaliser is the constant psi(L)).
+Defaults as in the reference, mcleish7/arithmetic `cramming/architectures/embeddings.py`
+`FIRE(num_heads=12, mlp_width=32, init_c=0.1, init_L=512.0, eps=1e-6)`: c = 0.1, L_multiplier = 1, eps = 1e-6
+added to the normaliser, and init_L = 512 whatever the training length (its model never sets init_L; the DAPE
+authors' FIRE, chuanyang-Zheng/DAPE `megatron/model/positional_embeddings.py`, has the same default).
+`init_length=None` takes the training length instead. The bias is built per query chunk, never (T, T).
 """
 
 import math
@@ -19,7 +22,7 @@ from fope_lm.position.registry import register
 
 @register("fire")
 class FirePositionEncoding(PositionEncoding):
-    def __init__(self, *, mlp_width: int = 32, init_c: float = 0.1, init_length: float | None = None, eps: float = 1e-6, **base):
+    def __init__(self, *, mlp_width: int = 32, init_c: float = 0.1, init_length: float | None = 512.0, eps: float = 1e-6, **base):
         super().__init__(**base)
         self.init_c, self.eps, self.mlp_width = float(init_c), float(eps), int(mlp_width)
         self.mlp = nn.Sequential(nn.Linear(1, mlp_width), nn.ReLU(), nn.Linear(mlp_width, self.n_heads))
@@ -27,7 +30,7 @@ class FirePositionEncoding(PositionEncoding):
         self.length_multiplier = nn.Parameter(torch.empty(()))
         # init_L: a constant the learned multiplier scales (the reference's non-trainable parameter); kept in checkpoints
         self.init_length: torch.Tensor
-        self.register_buffer("init_length", torch.tensor(float(init_length or self.max_seq_len)))
+        self.register_buffer("init_length", torch.tensor(float(self.max_seq_len if init_length is None else init_length)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -8,7 +8,7 @@ official code: position-free channels with a 2x logit weight). Frequencies with 
 training length (w < 2*pi/L) are clipped to zero and dropped. The coefficients are random (Xavier +
 identity/step-identity E) and frozen by default; the (H, T, head_dim/2) tables are computed per forward from
 the positions (two small einsums), which the compiler fuses. Length scaling (FoPE+YaRN, the official behaviour
-with scale > 1, and the other `RotaryScaling` methods) applies to the K kept frequencies.
+with scale > 1, and the other methods of fope_lm.position.scaling) applies to the K kept frequencies.
 
 Ablations (defaults = the official method; configs/pe/fope_*.yaml):
   clip=False      keep and mix every RoPE frequency, K = head_dim/2 (no floor at 2*pi/L);
@@ -94,7 +94,7 @@ class FourierPositionEncoding(RotaryEncoding):
     def unscaled_frequencies(self, theta, device="cpu"):
         """The K frequencies w_k the Fourier series run over: RoPE's above the floor 2*pi/L (the first K, K fixed
         at the training length and base), or all of them."""
-        return super().unscaled_frequencies(theta, device)[: self.n_freqs]
+        return super().unscaled_frequencies(theta, device)[..., : self.n_freqs]
 
     def rotary_frequencies(self, dynamic_len=None):
         return self.inv_freq(dynamic_len)
@@ -105,6 +105,8 @@ class FourierPositionEncoding(RotaryEncoding):
         cos = torch.einsum("...tk,hkj->...htj", angles.cos(), self.cos_coef.float())  # (..., H, T, d_out)
         sin = torch.einsum("...tk,hkj->...htj", angles.sin(), self.sin_coef.float())
         pad = cos.new_full((*cos.shape[:-1], self.head_dim // 2 - self.n_slots), self.pad_value)
+        if isinstance(factor, torch.Tensor):  # per token (..., T, 1): broadcast over the heads axis
+            factor = factor.unsqueeze(-3)
         return torch.cat((cos, pad), -1) * factor, torch.cat((sin, pad), -1) * factor
 
     def transfer_state(self, state, *, expand=False):

@@ -6,7 +6,10 @@ dependent but O(T) to compute: the log gates are the encoding's token state (`to
 when decoding), and each query chunk's bias is a difference of their prefix sums, chunked like ALiBi's.
 `fox` has no other position signal (the paper's FoX); `fox_rope` adds RoPE (the paper's FoX with RoPE).
 As in the reference (zhixuan-lin/forgetting-transformer, `fgate_type="full"`): a Linear(d_model, H) with a bias, its
-weight normal(0, 0.02), its bias zero; log f in float32.
+weight normal(0, 0.02), its bias zero; log f in float32. `fox_rope`'s RoPE base defaults to the reference's 500000
+(`rope_base: float = 500000.0` in `modeling_forgetting_transformer.py` and `configs/model/forgetting_transformer.py`,
+passed to `RotaryEmbedding(self.head_dim, base=rope_base)`) instead of the model's `rope_theta`; its option
+`rope_theta` sets another base (null: the model's `rope_theta`).
 """
 
 import torch
@@ -59,6 +62,12 @@ class ForgettingPositionEncoding(ForgetGate, PositionEncoding):
     pass
 
 
+FOX_ROPE_THETA = 500000.0  # the reference's rope_base
+
+
 @register("fox_rope")
 class ForgettingRotaryPositionEncoding(ForgetGate, RotaryPositionEncoding):
-    pass
+    def __init__(self, *, rope_theta: float | None = FOX_ROPE_THETA, **options):
+        if rope_theta is not None:  # replaces the model's rope_theta, which the model passes to every encoding as `theta`
+            options["theta"] = float(rope_theta)
+        super().__init__(**options)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import typing
+from typing import TYPE_CHECKING, Any
 
 from fope_lm.errors import ConfigError
 
-_REGISTRY: dict[str, type] = {}
+if TYPE_CHECKING:
+    from fope_lm.position.base import PositionEncoding
+
+_REGISTRY: dict[str, type[PositionEncoding]] = {}
+SHARED_ARGUMENTS = {"head_dim", "n_heads", "n_kv_heads", "max_seq_len", "theta"}  # from the model's shape, not options
 
 
 def register(name: str):
@@ -14,6 +20,8 @@ def register(name: str):
         if name in _REGISTRY:
             raise ValueError(f"position encoding {name!r} registered twice")
         cls.name = name
+        # exactness with Llama's rotary is never inherited: a subclass of rope that changes anything must not export as rope
+        cls.llama_equivalent = cls.__dict__.get("llama_equivalent", False)
         _REGISTRY[name] = cls
         return cls
 
@@ -24,33 +32,27 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_class(name: str) -> type:
+def get_class(name: str) -> type[PositionEncoding]:
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown position encoding {name!r}; choose one of: {', '.join(available())}") from None
 
 
-def option_names(cls: type) -> set[str]:
-    """Keyword options a class accepts beyond the shared ones, collected along its constructor chain."""
-    names: set[str] = set()
+def option_parameters(cls: type) -> dict[str, tuple[Any, Any]]:
+    """name -> (type hint, default) of the keyword options a class accepts beyond the shared ones, collected along its
+    constructor chain (the most derived class's default wins: yarn's scaling="yarn")."""
+    options: dict[str, tuple[Any, Any]] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
+        hints = typing.get_type_hints(init)
         for param in inspect.signature(init).parameters.values():
-            if param.kind is param.KEYWORD_ONLY:
-                names.add(param.name)
-    return names - {"head_dim", "n_heads", "n_kv_heads", "max_seq_len", "theta"}
+            if param.kind is param.KEYWORD_ONLY and param.name not in SHARED_ARGUMENTS and param.name not in options:
+                options[param.name] = (hints.get(param.name, Any), param.default)
+    return options
 
 
-def build_position_encoding(
-    name: str, *, head_dim: int, n_heads: int, max_seq_len: int, theta: float = 10000.0, n_kv_heads: int | None = None, **options
-):
-    """Build the position encoding `name` for one attention layer. Unknown options are an error naming them."""
-    cls = get_class(name)
-    unknown = sorted(set(options) - option_names(cls))
-    if unknown:
-        known = ", ".join(sorted(option_names(cls))) or "none"
-        raise ConfigError(f"position encoding {name!r} has no option(s) {', '.join(unknown)}; its options: {known}")
-    return cls(head_dim=head_dim, n_heads=n_heads, max_seq_len=max_seq_len, theta=theta, n_kv_heads=n_kv_heads, **options)
+def option_names(cls: type) -> set[str]:
+    return set(option_parameters(cls))

@@ -16,7 +16,7 @@ from fope_lm.position.rope import RotaryPositionEncoding
 
 @register("resonance_rope")
 class ResonanceRotaryPositionEncoding(RotaryPositionEncoding):
-    def wavelengths(self, dynamic_len: int | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    def wavelengths(self, dynamic_len: int | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float | torch.Tensor]:
         """round(2 pi / theta_i) after length scaling (integer-valued float32), and the table factor."""
         freqs, factor = super().frequencies(dynamic_len, device)
         return torch.round(2 * math.pi / freqs), factor

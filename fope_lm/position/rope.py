@@ -7,4 +7,4 @@ from fope_lm.position.registry import register
 
 @register("rope")
 class RotaryPositionEncoding(RotaryEncoding):
-    pass
+    llama_equivalent = True  # exactly LlamaForCausalLM's rotary (with the scalings transformers computes)

@@ -16,8 +16,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from fope_lm.data import prepare
-from fope_lm.model import Transformer, build_model
-from fope_lm.passkey import FILLER_SENTENCES, KEY_SENTENCE, QUESTION, TASK, PasskeyPrompts
+from fope_lm.evaluation.passkey import FILLER_SENTENCES, KEY_SENTENCE, QUESTION, TASK, PasskeyPrompts
+from fope_lm.nn.model import Transformer, build_model
 
 TRAIN_LEN = 128
 EOS = "<|endoftext|>"

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fope_lm.model import Transformer, build_model
+from fope_lm.nn.model import Transformer, build_model
 
 
 def tiny(pe: str, **overrides) -> Transformer:
@@ -22,3 +22,8 @@ def dense_attention(q, k, v, bias, q_positions=None, k_positions=None) -> torch.
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
     scores = scores.masked_fill(k_positions[None, :] > q_positions[:, None], float("-inf"))
     return F.softmax(scores, -1) @ v
+
+
+def rotate(pe, x: torch.Tensor, positions, dynamic_len: int | None = None) -> torch.Tensor:
+    """x (B, H, T, Dh) rotated by a rotary encoding at `positions` (its query side of rotate_qk)."""
+    return pe.rotate_qk(x, x, positions, dynamic_len)[0]

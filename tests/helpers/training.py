@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from fope_lm.checkpoint import load_state_dict
-from fope_lm.metrics import read_metrics
+from fope_lm.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def launch(args, *, data_root, runs, processes=1, deepspeed=None, fault=None, di
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
         command += ["--main_process_port", str(free_port())]
-        if deepspeed:  # DeepSpeed needs accelerate's non-CPU path; it runs on CPU with gloo (fope_lm.distributed)
+        if deepspeed:  # DeepSpeed needs accelerate's non-CPU path; it runs on CPU with gloo (fope_lm.training.distributed)
             command += ["--config_file", f"configs/accelerate/{deepspeed}.yaml"]
         else:
             env["ACCELERATE_USE_CPU"] = "true"

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fope_lm.attention import causal_attention, flash_attn_funcs
-from fope_lm.documents import Documents, document_positions
 from fope_lm.errors import ConfigError
-from fope_lm.position import PositionEncoding, Positions, build_position_encoding
+from fope_lm.nn.attention import causal_attention, flash_attn_funcs
+from fope_lm.nn.documents import Documents, document_lengths, document_positions
+from fope_lm.nn.kv_cache import KVCache
+from fope_lm.position import EncodingSpec, PositionEncoding, Positions
 
 VOCAB_MULTIPLE = 128  # embedding rows are padded to a multiple of this (50280 -> 50304): faster matmuls
 
@@ -63,6 +64,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def pe_spec(self) -> EncodingSpec:
+        """The position encoding, typed (fope_lm.position.spec): what every stage asks about it."""
+        return EncodingSpec.of(self.pe, self.pe_options)
 
     @property
     def kv_heads(self) -> int:
@@ -123,34 +129,6 @@ class RMSNorm(nn.Module):
         return x32.to(x.dtype) * self.weight
 
 
-class KVCache:
-    """Rotated keys and values of every layer for incremental decoding: (B, H_kv, T_cached, Dh) each, and the
-    position encoding's token state (B, S, T_cached) where it has one (FoX's forget gates)."""
-
-    def __init__(self, n_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
-        self.states: list[torch.Tensor | None] = [None] * n_layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cached_k, cached_v = self.keys[layer], self.values[layer]
-        if cached_k is not None and cached_v is not None:
-            k = torch.cat((cached_k, k), dim=2)
-            v = torch.cat((cached_v, v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-    def update_state(self, layer: int, state: torch.Tensor) -> torch.Tensor:
-        cached = self.states[layer]
-        state = state if cached is None else torch.cat((cached, state), dim=-1)
-        self.states[layer] = state
-        return state
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -160,15 +138,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
         self.flash = flash_attn_funcs()  # looked up once, here: never inside a traced forward
-        self.pe: PositionEncoding = build_position_encoding(
-            config.pe,
-            head_dim=config.head_dim,
-            n_heads=config.n_heads,
-            n_kv_heads=config.kv_heads,
-            max_seq_len=config.max_seq_len,
+        self.pe: PositionEncoding = config.pe_spec.build(
+            head_dim=config.head_dim, n_heads=config.n_heads, n_kv_heads=config.kv_heads, max_seq_len=config.max_seq_len,
             theta=config.rope_theta,
-            **config.pe_options,
-        )
+        )  # fmt: skip
 
     def rotated_qkv(self, x, positions: Positions | torch.Tensor, dynamic_len: int | None = None):
         """q (B, H, T, Dh), k and v (B, H_kv, T, Dh) of x (B, T, D), q and k after the position encoding."""
@@ -259,6 +232,7 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, PositionEncoding):
+                module.init_constants()
                 module.reset_parameters()
 
     def use_flash_attention(self, enabled: bool) -> None:
@@ -309,8 +283,9 @@ class Transformer(nn.Module):
             raise ValueError(
                 "doc_ids describe packed rows for training and scoring; a KV cache continues one sequence: pass one or the other"
             )
-        per_token = document_positions(documents.ids) if documents is not None and restart_positions else None
-        positions = Positions(start_pos, input_ids.shape[1], per_token)  # ints: static for the compiler, no host reads
+        positions = Positions(start_pos, input_ids.shape[1])  # ints: static for the compiler, no host reads
+        if documents is not None and restart_positions:  # dynamic scaling then scales each document for its own length
+            positions = Positions(start_pos, input_ids.shape[1], document_positions(documents.ids), document_lengths(documents.ids))
         documents = documents if document_mask else None
         x = self.embed(input_ids)
         recompute = self.checkpoint_every and kv_cache is None and torch.is_grad_enabled()
@@ -342,7 +317,7 @@ class Transformer(nn.Module):
         loss_chunk_size: compute the LM head + loss this many positions at a time, never holding (B, T, V)
           float32 logits (then `logits` is None).
         doc_ids: (B, T) int64, the document of each token of packed rows (non-decreasing along T;
-          `fope_lm.documents`), or `Documents`. With the defaults every token's logits are those of its document
+          `fope_lm.nn.documents`), or `Documents`. With the defaults every token's logits are those of its document
           run alone: `document_mask` keeps attention within each document, `restart_positions` counts each
           document's positions from 0.
         """

@@ -1,5 +1,5 @@
-"""What a run reports: the MFU peaks, peak memory, metrics.jsonl, and the wandb run (the trainer's reporting
-callbacks, fope_lm.callbacks, use them).
+"""What a run reports: the MFU peaks, peak memory and metrics.jsonl (the trainer's reporting callbacks,
+fope_lm.training.callbacks, use them; the wandb run is fope_lm.tracking's).
 
 MFU (model FLOPs utilisation) = achieved training FLOP/s per device / the device's peak dense bf16 FLOP/s,
 with achieved FLOP/s = tokens/s per device * Transformer.flops_per_token(seq_len), i.e. 6N + 12 * n_layers *
@@ -9,20 +9,15 @@ fp32 runs are measured against the same bf16 peak, so their MFU reads low by des
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import netrc
 import os
 import re
 import resource
-import secrets
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from fope_lm.config import WandbMode, WandbSection
 from fope_lm.errors import FopeError
 
 log = logging.getLogger(__name__)
@@ -111,69 +106,3 @@ def read_metrics(path: str | Path) -> list[dict]:
                 raise FopeError(f"{path} line {number} is not JSON ({line[:60]!r}): fix or delete that line") from None
             log.warning("%s: dropped a torn last line (%d characters, from an interrupted write)", path, len(line))
     return records
-
-
-# --- wandb -------------------------------------------------------------------------------------------
-WANDB_ID_FILE = "wandb_id"
-
-
-def has_wandb_credentials() -> bool:
-    """An API key in the environment or a `wandb login` entry in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).split("/")[0]
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_mode(configured: WandbMode | None) -> str:
-    """The configured mode, else WANDB_MODE, else online with credentials and offline without (never a login prompt)."""
-    if configured is not None:
-        return configured.value
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if has_wandb_credentials() else "offline"
-
-
-def wandb_run_id(run_dir: Path, run_name: str, *, new: bool = False) -> str:
-    """The run's wandb id: the one stored in the run dir, so resumes and requeues log to the same run, else one
-    derived from the run name and dir. `new` (a run that replaces an old one in the same dir) adds a random suffix.
-    """
-    stored = run_dir / WANDB_ID_FILE
-    if stored.is_file() and not new:
-        return stored.read_text().strip()
-    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
-    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:48] + "-" + digest
-    return run_id + "-" + secrets.token_hex(3) if new else run_id
-
-
-def start_wandb(section: WandbSection | Any, *, run_dir: Path, run_name: str, config: dict, new_id: bool = False):
-    """A wandb run (rank 0 only), or None when disabled. Online failures fall back to offline, never a crash."""
-    mode = wandb_mode(section.mode)
-    if mode == "disabled":
-        return None
-    import wandb  # imported here: slow, and not needed with wandb disabled
-
-    run_id = wandb_run_id(run_dir, run_name, new=new_id)
-    (run_dir / WANDB_ID_FILE).write_text(run_id + "\n")
-    kwargs: dict[str, Any] = dict(
-        project=section.project,
-        entity=section.entity,
-        name=section.name or run_name,
-        group=section.group,
-        tags=list(section.tags),
-        config=config,
-        id=run_id,
-        resume="allow",
-        dir=str(run_dir),
-        settings=wandb.Settings(init_timeout=120),
-    )
-    try:
-        return wandb.init(mode=mode, **kwargs)  # type: ignore[arg-type]  # a checked WandbMode value
-    except Exception as exc:  # network, auth or service errors: keep training, log locally
-        if mode != "online":
-            raise
-        log.warning("wandb online init failed (%s); logging offline instead (sync later with `wandb sync`)", exc)
-        return wandb.init(mode="offline", **kwargs)

@@ -1,15 +1,24 @@
-"""Tables and plots of evaluation results: one run (results.csv / results.md / perplexity.png) or several
-overlaid (scripts/compare_results.py). Everything reads the results dicts that results.json holds."""
+"""Evaluation results as files: results.json (checked against fope_lm/schemas/results.schema.json), tables and plots
+of one run (results.csv / results.md / perplexity.png) or several overlaid (scripts/compare_results.py), and the
+wandb view of one evaluation. Everything reads the results dicts that results.json holds."""
 
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global figure state or GUI backend
 from matplotlib.ticker import NullLocator
+
+from fope_lm.checkpoint import write_json_atomic
+from fope_lm.paths import PACKAGE_ROOT
+from fope_lm.tracking import WandbConfig, start_wandb
+
+RESULTS_SCHEMA = PACKAGE_ROOT / "schemas" / "results.schema.json"
 
 
 def load_results(path: str | Path) -> dict:
@@ -133,3 +142,66 @@ def plot_perplexity(runs: list[dict], path: str | Path, *, title: str = "Perplex
     axes.grid(True, which="major", alpha=0.3)
     axes.legend()
     figure.savefig(path, dpi=150, bbox_inches="tight")
+
+
+# --- a results dir ---------------------------------------------------------------------------------------------
+def validate_results(results: dict) -> None:
+    """Raise jsonschema.ValidationError unless `results` matches fope_lm/schemas/results.schema.json."""
+    jsonschema.validate(results, json.loads(RESULTS_SCHEMA.read_text()))
+
+
+def write_results(results: dict, output_dir: str | Path) -> dict[str, Path]:
+    """results.json (schema-checked first), results.csv, results.md and perplexity.png in output_dir."""
+    validate_results(results)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": output_dir / "results.json",
+        "csv": output_dir / "results.csv",
+        "markdown": output_dir / "results.md",
+        "plot": output_dir / "perplexity.png",
+    }
+    write_json_atomic(paths["json"], results)
+    write_csv(paths["csv"], *results_table(results))
+    paths["markdown"].write_text(results_markdown(results))
+    if results["perplexity"]:
+        plot_perplexity([results], paths["plot"])
+    else:
+        del paths["plot"]
+    return paths
+
+
+def log_to_wandb(results: dict, wandb_cfg: WandbConfig, output_dir: str | Path) -> None:
+    """The same numbers as results.json: a table and a ppl-vs-length line plot (and a passkey one) per run.
+
+    A new wandb run per evaluation, in output_dir; mode as the trainer decides it (offline without credentials).
+    """
+    run = start_wandb(
+        wandb_cfg,
+        directory=Path(output_dir),
+        id_file=Path(output_dir) / "wandb_id",
+        run_name=results["label"],
+        config={key: results[key] for key in ("label", "checkpoint", "step", "pe", "eval_pe", "eval_scaling", "train_seq_len")},
+        new_id=True,
+    )
+    if run is None:  # mode disabled
+        return
+    import wandb
+
+    headers, rows = results_table(results)
+    table = wandb.Table(columns=list[str | int](headers), data=rows)
+    logged: dict[str, Any] = {"eval/results": table}
+    if results["perplexity"]:
+        title = f"{results['label']}: perplexity vs length"
+        logged["eval/ppl_vs_length"] = wandb.plot.line(table, "length", "ppl", title=title)
+    if results["passkey"]:
+        logged["eval/passkey_vs_length"] = wandb.plot.line(
+            table, "length", "passkey_teacher_forced", title=f"{results['label']}: teacher-forced passkey accuracy"
+        )
+    run.log(logged)
+    for row in results["perplexity"]:
+        run.summary[f"eval/ppl@{row['length']}"] = row["ppl"]
+    for row in (results["passkey"] or {}).get("lengths", []):
+        run.summary[f"eval/passkey_greedy@{row['length']}"] = row["greedy_accuracy"]
+        run.summary[f"eval/passkey_teacher_forced@{row['length']}"] = row["teacher_forced_accuracy"]
+    run.finish()

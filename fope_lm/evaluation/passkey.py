@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from fope_lm.errors import ConfigError
-from fope_lm.generate import continuation_logprobs, greedy_generate, inference, prefill
-from fope_lm.model import Transformer
+from fope_lm.nn.generate import continuation_logprobs, greedy_generate, inference, prefill
+from fope_lm.nn.model import Transformer
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

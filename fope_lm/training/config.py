@@ -13,7 +13,7 @@ import math
 import re
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
@@ -23,8 +23,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fope_lm.data.instance_filter import RepetitionFilter
 from fope_lm.errors import ConfigError
-from fope_lm.model import ModelConfig, Transformer, preset_config
+from fope_lm.nn.model import ModelConfig, Transformer, preset_config
 from fope_lm.schema import Choice
+from fope_lm.tracking import WandbConfig
+
+
+def resumable() -> Any:
+    """A setting a resumed run may change (a run gets extended, its batch or schedule adjusted): warned and recorded."""
+    return field(default=MISSING, metadata={"resume_may_change": True})
 
 
 class Precision(Choice):
@@ -39,18 +45,12 @@ class OnNonFinite(Choice):
     skip = "skip"  # drop the step's update and go on (not with DeepSpeed, which steps inside backward)
 
 
-class WandbMode(Choice):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
 # ModelConfig fields the model section does not take: the training length and the PE have sections of their own.
 SET_ELSEWHERE = ("max_seq_len", "pe", "pe_options")
 
 
 def _model_section() -> type:
-    """The `model` section: a preset of fope_lm.model.PRESETS plus every other ModelConfig field as an optional
+    """The `model` section: a preset of fope_lm.nn.model.PRESETS plus every other ModelConfig field as an optional
     override (null: the preset's value, or ModelConfig's default; vocab_size null: the data tokenizer's size).
     Derived from ModelConfig, so that a new model setting is declared in one place."""
     hints = typing.get_type_hints(ModelConfig)
@@ -70,10 +70,10 @@ ModelSection = _model_section()
 @dataclass
 class TrainSection:
     seq_len: int = MISSING
-    global_batch_size: int | None = MISSING  # null with global_batch_tokens set
+    global_batch_size: int | None = resumable()  # null with global_batch_tokens set
     global_batch_tokens: int | None = None
     micro_batch_size: int = MISSING
-    max_steps: int = MISSING
+    max_steps: int = resumable()
     max_tokens: int | None = None
     precision: Precision = MISSING
     grad_clip: float | None = MISSING
@@ -92,12 +92,12 @@ class TrainSection:
     peak_tflops: float | None = None
     compile: bool = MISSING
     activation_checkpointing: str = MISSING  # none | full | every_<n>
-    document_mask: bool = MISSING  # attention within each document of a packed row (fope_lm.documents)
-    document_positions: str | None = MISSING  # global | restart (at each document); null: restart when masking
-    instance_filter: bool = MISSING  # OLMo's repetition filter: rows with a long repeated n-gram leave the loss
-    repetition_max_period: int = MISSING
-    repetition_min_period: int = MISSING
-    repetition_max_count: int = MISSING
+    document_mask: bool = resumable()  # attention within each document of a packed row (fope_lm.nn.documents)
+    document_positions: str | None = resumable()  # global | restart (at each document); null: restart when masking
+    instance_filter: bool = resumable()  # OLMo's repetition filter: rows with a long repeated n-gram leave the loss
+    repetition_max_period: int = resumable()
+    repetition_min_period: int = resumable()
+    repetition_max_count: int = resumable()
 
     @property
     def restart_positions(self) -> bool:
@@ -173,14 +173,14 @@ class TrainSection:
 class OptimSection:
     """AdamW with OLMo's defaults, linear warmup, cosine decay to alpha_f * lr at max_steps."""
 
-    lr: float = MISSING
+    lr: float = resumable()
     betas: list[float] = MISSING
     eps: float = MISSING
     weight_decay: float = MISSING
     decay_norms: bool = MISSING
     decay_embeddings: bool = MISSING
-    warmup_steps: int = MISSING
-    alpha_f: float = MISSING
+    warmup_steps: int = resumable()
+    alpha_f: float = resumable()
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -193,16 +193,6 @@ class OptimSection:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0 or not 0 <= self.alpha_f <= 1:
             raise ConfigError(f"optim.warmup_steps must be >= 0 and optim.alpha_f in [0, 1], got {self.warmup_steps}, {self.alpha_f}")
-
-
-@dataclass
-class WandbSection:
-    project: str = MISSING
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None
-    tags: list[str] = MISSING
-    mode: WandbMode | None = None  # null: online when an API key is configured, else offline
 
 
 @dataclass
@@ -219,7 +209,7 @@ class TrainConfig:
     data: Any = MISSING  # the data group; validated by fope_lm.data.DataConfig
     train: TrainSection = MISSING
     optim: OptimSection = MISSING
-    wandb: WandbSection = MISSING
+    wandb: WandbConfig = MISSING
 
     def __post_init__(self):
         if not isinstance(self.pe, Mapping) or "name" not in self.pe:
@@ -230,6 +220,16 @@ class TrainConfig:
                 f"run_name={self.run_name!r} must name a directory inside run_root={self.run_root!r} (relative, no '..'): "
                 "to write elsewhere, set run_root"
             )
+
+
+def resume_may_change() -> tuple[str, ...]:
+    """ "section.key" of every setting declared `resumable()`."""
+    sections = {"train": TrainSection, "optim": OptimSection}
+    fields = ((name, f) for name, section in sections.items() for f in dataclasses.fields(section))
+    return tuple(f"{name}.{f.name}" for name, f in fields if f.metadata.get("resume_may_change"))
+
+
+RESUME_MAY_CHANGE = resume_may_change()
 
 
 def to_yaml(config: Any) -> str:

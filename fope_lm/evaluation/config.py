@@ -12,22 +12,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from fope_lm.config import WandbMode
 from fope_lm.errors import ConfigError
+from fope_lm.position import ScalingOptions
 from fope_lm.schema import Choice
+from fope_lm.tracking import WandbConfig
 
 PAPER_LENGTHS = [128, 256, 512, 1024, 2048, 4096, 8192]
-
-
-class ScalingMethod(Choice):
-    """fope_lm.position.base.RotaryScaling's methods."""
-
-    none = "none"
-    yarn = "yarn"  # NTK-by-parts + attention temperature; static s, or dynamic s = max(1, T / L)
-    linear = "linear"  # position interpolation: w / s
-    ntk = "ntk"  # NTK-aware base: theta s^(d/(d-2))
-    dynamic_ntk = "dynamic_ntk"  # transformers' dynamic NTK
-    abf = "abf"  # a new base (`base`)
 
 
 class AutocastDtype(Choice):
@@ -89,44 +79,6 @@ class PasskeyConfig:
 
 
 @dataclass
-class ScalingEvalConfig:
-    """Length scaling applied at evaluation time to any rotary checkpoint (rope, yarn, fope, rope_clip, p_rope,
-    partial_rope, ...): its pe_options gain these, its weights are untouched (FoPE+YaRN for FoPE)."""
-
-    method: ScalingMethod = ScalingMethod.none
-    scale: float = 4.0  # s (yarn static, linear, ntk, dynamic_ntk)
-    dynamic: bool = False  # yarn: s = max(1, T / L) per evaluated length, L the training length
-    attention_factor: float | None = None  # yarn: null: 0.1 ln(s) + 1; 1.0 disables the temperature
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    base: float | None = None  # abf: the new RoPE base
-
-    def __post_init__(self):
-        if self.method not in ScalingMethod.__members__:
-            raise ConfigError(f"scaling.method={self.method!r} is not one of {ScalingMethod.names()}")
-        self.method = ScalingMethod(self.method)
-        if self.scale < 1:
-            raise ConfigError(f"scaling.scale must be >= 1, got {self.scale}")
-        if self.dynamic and self.method != ScalingMethod.yarn:
-            raise ConfigError(f"scaling.dynamic=true is YaRN's: use scaling.method=yarn (or method=dynamic_ntk), got {self.method}")
-        if (self.method == ScalingMethod.abf) != (self.base is not None):
-            raise ConfigError("scaling.method=abf needs scaling.base (the new RoPE base, e.g. 500000), and only abf takes one")
-
-
-@dataclass
-class WandbConfig:
-    """As the trainer's wandb section (fope_lm.metrics.start_wandb reads it), plus an on/off switch."""
-
-    enabled: bool = False
-    project: str = "fope-lm"
-    entity: str | None = None
-    group: str | None = None
-    name: str | None = None  # null: the run's label
-    tags: list[str] = field(default_factory=list)
-    mode: WandbMode | None = None  # null: WANDB_MODE, else online with credentials, else offline
-
-
-@dataclass
 class EvalConfig:
     checkpoint: str = MISSING  # a checkpoint dir (step_XXXXXX) or a run dir (its newest complete checkpoint)
     output_dir: str | None = None  # null: <run_dir>/eval/<step_N>/<label> (a run's checkpoint)
@@ -137,8 +89,10 @@ class EvalConfig:
     progress: bool = True  # tqdm bars per length
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
-    scaling: ScalingEvalConfig = field(default_factory=ScalingEvalConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # length scaling applied at evaluation time to any rotary checkpoint (fope_lm.position.scaling): its pe_options gain
+    # these, its weights are untouched (FoPE+YaRN for FoPE); original_max_seq_len null: the checkpoint's L0
+    scaling: ScalingOptions = field(default_factory=lambda: ScalingOptions(method="none", scale=4.0))
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(enabled=False))
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -146,6 +100,10 @@ class EvalConfig:
         if self.dtype not in AutocastDtype.__members__:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {AutocastDtype.names()}")
         self.dtype = AutocastDtype(self.dtype)
+        try:
+            self.scaling.build(max_seq_len=1)  # its checks; L0 comes from the checkpoint
+        except ConfigError as exc:
+            raise ConfigError(f"scaling: {exc}") from None
         if self.data is None:
             raise ConfigError("no eval data: set data=<name of a configs/data/*.yaml>, e.g. data=embedded")
 

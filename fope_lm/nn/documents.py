@@ -30,6 +30,14 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(doc_ids.shape[-1], device=doc_ids.device) - first
 
 
+def document_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64: the length of each token's document within its row (what dynamic length scaling scales for when
+    each document is run as if alone)."""
+    first = torch.searchsorted(doc_ids, doc_ids)
+    past_last = torch.searchsorted(doc_ids, doc_ids, right=True)
+    return past_last - first
+
+
 def cumulative_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
     """(n_documents + 1,) int32: the offsets of every document in the flattened (B * T) tokens, each row starting a
     new one (flash-attn's `cu_seqlens`). Its length depends on the values, so build it where they are on the host."""

@@ -7,8 +7,8 @@ token-weighted mean over every micro-batch of every rank, however the batch is s
 
 `plan` checks everything that can be checked without compute (config, data, model shape, resume source) on
 every rank, so a mistake fails at once with a one-line message; `Trainer` then builds and runs. Checkpoints are
-the `Checkpointer`'s (fope_lm.checkpointer); metrics, wandb, the console, throughput and stop requests are
-callbacks (fope_lm.callbacks), as is fault injection for tests (fope_lm.faults, installed only when asked for).
+the `Checkpointer`'s (fope_lm.training.checkpointer); metrics, wandb, the console, throughput and stop requests are
+callbacks (fope_lm.training.callbacks), as is fault injection for tests (fope_lm.training.faults, installed only when asked for).
 """
 
 from __future__ import annotations
@@ -27,21 +27,33 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
-from fope_lm.callbacks import Callbacks, ConsoleProgress, MetricsFileWriter, StopOnRequest, Throughput, WandbLogger
-from fope_lm.checkpoint import (
-    RUN_INFO,
-    find_latest_checkpoint,
-    load_state_dict,
-    load_weights,
-    read_model_config,
-    resolve_checkpoint,
-    transfer_weights,
-    write_json_atomic,
-)
-from fope_lm.checkpointer import Checkpointer, changed_settings, check_resumable, check_training_checkpoint, is_own_checkpoint, resume_point
-from fope_lm.config import OnNonFinite, TrainConfig, build_model_config, to_container, to_yaml
+from fope_lm.checkpoint import load_state_dict, load_weights, read_model_config, transfer_weights, write_json_atomic
 from fope_lm.data import DataConfig, TokenData, TrainBatches, ValidationTokens, ensure_prepared
-from fope_lm.distributed import (
+from fope_lm.devices import device_name
+from fope_lm.errors import ConfigError, FopeError
+from fope_lm.nn.documents import Documents
+from fope_lm.nn.model import ModelConfig, Transformer
+from fope_lm.provenance import git_sha, package_versions
+from fope_lm.run_dir import RunDir, resolve_checkpoint
+from fope_lm.schema import validated
+from fope_lm.training.callbacks import (
+    Callbacks,
+    ConsoleProgress,
+    FaultInjection,
+    MetricsFileWriter,
+    StopOnRequest,
+    Throughput,
+    WandbLogger,
+)
+from fope_lm.training.checkpointer import (
+    Checkpointer,
+    changed_settings,
+    check_resumable,
+    check_training_checkpoint,
+    resume_point,
+)
+from fope_lm.training.config import OnNonFinite, TrainConfig, build_model_config, to_container, to_yaml
+from fope_lm.training.distributed import (
     broadcast_buffers,
     build_accelerator,
     deepspeed_config_path,
@@ -49,20 +61,9 @@ from fope_lm.distributed import (
     mixed_precision,
     uses_deepspeed,
 )
-from fope_lm.documents import Documents
-from fope_lm.errors import ConfigError, FopeError
-from fope_lm.faults import FaultInjection
-from fope_lm.model import ModelConfig, Transformer
-from fope_lm.optim import build_optimizer, learning_rate, set_learning_rate
-from fope_lm.provenance import git_sha, package_versions
-from fope_lm.schema import validated
+from fope_lm.training.optim import build_optimizer, learning_rate, set_learning_rate
 
 log = logging.getLogger(__name__)
-
-# Files of a run dir besides checkpoints/ and eval/.
-CONFIG_YAML = "config.yaml"
-METRICS = "metrics.jsonl"
-LOG_FILE = "train.log"
 
 
 def main(cfg: DictConfig) -> None:
@@ -94,7 +95,7 @@ def setup_logging(rank: int, world_size: int) -> None:
 @dataclass
 class Plan:
     config: TrainConfig
-    run_dir: Path
+    run_dir: RunDir
     rank: int
     world_size: int
     data: TokenData
@@ -139,7 +140,7 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
         if train.on_nonfinite is OnNonFinite.skip:
             raise ConfigError("train.on_nonfinite=skip does not work with DeepSpeed, which steps inside backward: use stop")
 
-    run_dir = Path(config.run_root) / config.run_name
+    run_dir = RunDir(Path(config.run_root) / config.run_name)
     resume_from = resume_point(resume=config.resume, overwrite=config.overwrite, run_dir=run_dir, rank=rank)
     resume_state = init_from = None
     resume_changes: dict = {}
@@ -153,7 +154,7 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
     elif config.init_from is not None:
         init_from = resolve_checkpoint(config.init_from)
         read_model_config(init_from)  # exists and is readable; shapes are checked on load
-    own_history = resume_from is not None and resume_state is not None and is_own_checkpoint(resume_from, run_dir)
+    own_history = resume_from is not None and resume_state is not None and run_dir.owns(resume_from)
     return Plan(
         config=config,
         run_dir=run_dir,
@@ -170,14 +171,14 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
         init_from=init_from,
         keep_history_until=resume_state["step"] if own_history and resume_state else 0,
         eval_hooks=instantiate_eval_hooks(train.eval_hooks),
-        stop_file=Path(train.stop_file) if train.stop_file else run_dir / "STOP",
+        stop_file=Path(train.stop_file) if train.stop_file else run_dir.stop_file,
         started=started,
     )
 
 
 def instantiate_eval_hooks(hooks: dict) -> dict:
     """`train.eval_hooks`: name -> {_target_: a function, **its options}, called at each eval as
-    fn(model=..., accelerator=..., step=...) -> {metric: value} on every rank (e.g. fope_lm.evaluate's
+    fn(model=..., accelerator=..., step=...) -> {metric: value} on every rank (e.g. fope_lm.evaluation.runner's
     multi-length perplexity); the metrics are logged as eval/<name>/<metric>."""
     built = {}
     for name, node in hooks.items():
@@ -244,7 +245,7 @@ class Trainer:
         plan = self.plan
         callbacks = Callbacks([Throughput.for_trainer(self)])
         if self.is_main:
-            callbacks += [MetricsFileWriter(plan.run_dir / METRICS, plan.keep_history_until), WandbLogger(), ConsoleProgress()]
+            callbacks += [MetricsFileWriter(plan.run_dir.metrics, plan.keep_history_until), WandbLogger(), ConsoleProgress()]
         callbacks.append(StopOnRequest(plan.stop_file, watch_file=self.is_main, not_before=plan.started))
         if (faults := FaultInjection.from_env(plan.rank)) is not None:
             callbacks.append(faults)
@@ -268,20 +269,20 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         """Rank 0: the run dir holds one trajectory, so what another one left beyond the start step goes; provenance."""
         plan = self.plan
-        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        plan.run_dir.path.mkdir(parents=True, exist_ok=True)
         self.checkpointer.discard_history_after(plan.keep_history_until, plan.start_step)
         for key, (saved, new) in plan.resume_changes.items():
             log.warning("resuming %s with %s=%s (it was saved with %s)", plan.resume_from, key, new, saved)
-        (plan.run_dir / CONFIG_YAML).write_text(to_yaml(plan.config))
+        plan.run_dir.config.write_text(to_yaml(plan.config))
         write_json_atomic(
-            plan.run_dir / RUN_INFO,
+            plan.run_dir.run_info,
             {
                 "git_sha": git_sha(),
                 "packages": package_versions(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "command": sys.argv,
                 "world_size": plan.world_size,
-                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
+                "device": device_name(self.device),
                 "mixed_precision": plan.mixed_precision,
                 "deepspeed": plan.deepspeed_config,
                 "model": plan.model_config.to_dict(),
@@ -292,7 +293,7 @@ class Trainer:
                 "init_from": str(plan.init_from) if plan.init_from else None,
             },
         )
-        handler = logging.FileHandler(plan.run_dir / LOG_FILE)
+        handler = logging.FileHandler(plan.run_dir.train_log)
         handler.setFormatter(logging.getLogger().handlers[0].formatter)
         logging.getLogger().addHandler(handler)
         log.info("run dir %s (git %s)", plan.run_dir, git_sha())
@@ -400,7 +401,7 @@ class Trainer:
         """Stop (no checkpoint of this step: the last saved one stays the restart point) or count a skipped step."""
         what = f"non-finite loss {loss} / grad norm {grad_norm} at step {step}"
         if self.config.train.on_nonfinite is OnNonFinite.stop:
-            last = find_latest_checkpoint(self.plan.run_dir)
+            last = self.plan.run_dir.latest_checkpoint()
             raise FopeError(
                 f"{what}; stopped without saving it (last checkpoint: {last or 'none'}); lower optim.lr, or set "
                 "train.on_nonfinite=skip to drop such steps"

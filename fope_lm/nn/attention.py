@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fope_lm.documents import Documents
+from fope_lm.nn.documents import Documents
 from fope_lm.position.base import BiasInputs, PositionEncoding
 
 # Upper bound on the elements of one (batch, heads, query-chunk, keys) block of bias or mask: 64 MiB in float32.
@@ -110,19 +110,21 @@ def causal_attention(
 
 
 def _flash_fits(q: torch.Tensor, pe: PositionEncoding, documents: Documents | None, *, per_token_positions: bool) -> bool:
-    """flash-attn runs 16-bit CUDA inputs, without a bias or with ALiBi's (computed in-kernel from slopes and the
-    tokens' indices, so only where distances by index are the encoding's: no per-token positions, or within
-    documents), and documents only with their cu_seqlens (built on the host: `Documents.of_tokens`)."""
+    """flash-attn runs 16-bit CUDA inputs, without a bias or with a bias it computes in-kernel (the encoding's
+    `kernel_bias`: -slope * (i - j) from the tokens' indices, so only where distances by index are the encoding's:
+    no per-token positions, or within documents), and documents only with their cu_seqlens (built on the host:
+    `Documents.of_tokens`)."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if pe.has_attention_bias and (pe.alibi_slopes is None or (per_token_positions and documents is None)):
+    if pe.has_attention_bias and (pe.kernel_bias() is None or (per_token_positions and documents is None)):
         return False
     return documents is None or documents.cu_seqlens is not None
 
 
 def _flash_attention(q, k, v, pe: PositionEncoding, documents: Documents | None, flash) -> torch.Tensor:
     dense, varlen = flash
-    slopes = None if pe.alibi_slopes is None else pe.alibi_slopes.to(q.device, torch.float32)
+    bias = pe.kernel_bias()
+    slopes = None if bias is None else bias.slopes
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, D)
     if documents is None:  # flash-attn aligns a shorter query block to the end of the keys, as a KV cache needs
         return dense(q, k, v, causal=True, alibi_slopes=slopes).transpose(1, 2)

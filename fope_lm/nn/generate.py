@@ -2,7 +2,7 @@
 
 Nothing here materialises (B, T, V) float32 logits for a long input: the LM head is applied only where a
 caller needs it (the last position for decoding, a few continuation tokens for scoring, or chunks of
-positions for the loss in `fope_lm.evaluate`).
+positions for the loss in `fope_lm.evaluation.runner`).
 
 Dynamic YaRN and a KV cache: keys cached under one scale are wrong under another, so every function takes
 `dynamic_len`, fixed once per prompt (prompt length + new tokens) and passed on every forward, cached or not.
@@ -11,20 +11,20 @@ Dynamic YaRN and a KV cache: keys cached under one scale are wrong under another
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
 
-from fope_lm.model import KVCache, Transformer
+from fope_lm.nn.kv_cache import KVCache
+from fope_lm.nn.model import Transformer
 
 
 @contextlib.contextmanager
 def inference(model: Transformer, autocast_dtype: torch.dtype | None = None):
     """Eval mode (restored afterwards, for in-loop evals), no autograd, optional autocast on the model's device.
 
-    no_grad rather than inference_mode: rotary tables cached during an in-loop eval are reused by training,
-    and inference tensors cannot be saved for backward.
+    no_grad rather than inference_mode: an in-loop eval runs the model that training continues with, and tensors
+    made under inference_mode can never enter autograd afterwards.
     """
     was_training = model.training
     device_type = next(model.parameters()).device.type
@@ -75,7 +75,7 @@ def greedy_generate(
     dynamic_len = dynamic_len or prompts.shape[1] + max_new_tokens
     new_tokens = []
     if use_cache:
-        cache = _branch(prefix if prefix is not None else prefill(model, prompts, dynamic_len=dynamic_len))
+        cache = (prefix if prefix is not None else prefill(model, prompts, dynamic_len=dynamic_len)).branch()
         step_input = prompts[:, -1:]
         for _ in range(max_new_tokens):
             hidden = model.hidden_states(step_input, start_pos=cache.length, kv_cache=cache, dynamic_len=dynamic_len)
@@ -87,14 +87,6 @@ def greedy_generate(
             new_tokens.append(_next_tokens(model, model.hidden_states(sequence, dynamic_len=dynamic_len)))
             sequence = torch.cat((sequence, new_tokens[-1][:, None]), dim=1)
     return torch.stack(new_tokens, dim=1)
-
-
-def _branch(cache: KVCache) -> KVCache:
-    """A cache that shares the prefix tensors but not the per-layer lists (`update` concatenates, never writes
-    in place), so several continuations can each extend the same prefix."""
-    branch = copy.copy(cache)
-    branch.keys, branch.values = list(cache.keys), list(cache.values)
-    return branch
 
 
 @torch.no_grad()
@@ -128,7 +120,7 @@ def continuation_logprobs(
             targets[b, : len(tokens)] = torch.tensor(tokens)
         targets = targets.to(device)
         step_input = torch.cat((prompts[:, -1:], targets.clamp(min=0)), dim=1)[:, :-1]  # padding: any token id
-        branch = _branch(cache)
+        branch = cache.branch()
         hidden = model.hidden_states(step_input, start_pos=length - 1, kv_cache=branch, dynamic_len=dynamic_len)
         logits = lm_logits(model, hidden)
         token_nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")

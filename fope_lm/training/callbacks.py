@@ -14,7 +14,10 @@ order; each hook is optional.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,13 +26,15 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fope_lm.distributed import StopRequests
-from fope_lm.metrics import MetricsFile, peak_flops, peak_memory_gib, start_wandb
+from fope_lm.faults import Fault, digests_requested, fault_from_env, tensor_digest
+from fope_lm.tracking import start_wandb
+from fope_lm.training.distributed import StopRequests
+from fope_lm.training.metrics import MetricsFile, peak_flops, peak_memory_gib
 
 if TYPE_CHECKING:
-    from fope_lm.train import StepResult, Trainer
+    from fope_lm.training.trainer import StepResult, Trainer
 
-log = logging.getLogger("fope_lm.train")
+log = logging.getLogger("fope_lm.training.trainer")
 
 
 class Callback:
@@ -58,7 +63,7 @@ class Throughput(Callback):
     """perf/tokens_per_s_per_device, perf/step_seconds and perf/mfu over the steps since the last report (steps
     timed from start to end, logging and checkpoints excluded), and perf/peak_mem_gib; added to train metrics.
 
-    MFU = achieved FLOP/s per device / the device's peak dense bf16 FLOP/s (fope_lm.metrics.PEAK_BF16_TFLOPS, or
+    MFU = achieved FLOP/s per device / the device's peak dense bf16 FLOP/s (fope_lm.training.metrics.PEAK_BF16_TFLOPS, or
     train.peak_tflops), with achieved = tokens/s x Transformer.flops_per_token(seq_len)."""
 
     def __init__(self, tokens_per_step_per_device: int, flops_per_token: float, peak: float | None):
@@ -115,11 +120,21 @@ class WandbLogger(Callback):
         self.run = None
 
     def on_train_start(self, trainer):
-        from fope_lm.config import to_container
+        from fope_lm.training.config import to_container
 
         config, plan = trainer.config, trainer.plan
+        if not config.wandb.enabled:
+            return
         new_id = config.overwrite and plan.resume_from is None
-        self.run = start_wandb(config.wandb, run_dir=plan.run_dir, run_name=config.run_name, config=to_container(config), new_id=new_id)
+        run = plan.run_dir
+        self.run = start_wandb(
+            config.wandb,
+            directory=run.wandb_dir,
+            id_file=run.wandb_id,
+            run_name=config.run_name,
+            config=to_container(config),
+            new_id=new_id,
+        )
 
     def on_log(self, trainer, step, metrics):
         if self.run is not None:
@@ -165,7 +180,7 @@ class ConsoleProgress(Callback):
 
 
 class StopOnRequest(Callback):
-    """SIGTERM/SIGUSR1 or the stop file ask for a stop (fope_lm.distributed.StopRequests); once honoured (the step
+    """SIGTERM/SIGUSR1 or the stop file ask for a stop (fope_lm.training.distributed.StopRequests); once honoured (the step
     saved), the stop file is removed so that the resumed run does not stop at once."""
 
     def __init__(self, stop_file: Path, *, watch_file: bool, not_before: float):
@@ -179,3 +194,59 @@ class StopOnRequest(Callback):
             reason = self.requests.reason or "asked by another rank"
             log.info("stopped at step %d (%s); resume with resume=auto", trainer.step, reason)
             self.requests.consume_stop_file()
+
+
+class FaultInjection(Callback):
+    """Acts out FOPE_FAULT on this rank and writes FOPE_DEBUG_DIGESTS (fope_lm.faults); installed only when asked for."""
+
+    def __init__(self, fault: Fault | None, digests: bool):
+        self.fault, self.digests = fault, digests
+        self._nan_hook = None
+
+    @classmethod
+    def from_env(cls, rank: int) -> FaultInjection | None:
+        """The callback the environment asks for on this rank, or None (the usual case: nothing is installed)."""
+        fault, digests = fault_from_env(rank), digests_requested()
+        return cls(fault, digests) if fault or digests else None
+
+    def _fires(self, kind: str, step: int) -> bool:
+        return self.fault is not None and self.fault.fires(kind, step)
+
+    def on_train_start(self, trainer):
+        self._write_digests(trainer, "start")
+
+    def on_step_start(self, trainer, step):
+        if self._fires("sigterm_at_step", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self._fires("stop_file_at_step", step):
+            trainer.plan.stop_file.touch()
+        if self._fires("hold_at_step", step):
+            while not trainer.stop_agreed():  # a collective: every rank polls it equally often, all see one answer
+                time.sleep(0.05)
+        if self._fires("nan_loss_at_step", step):  # every micro-batch's loss of this step becomes NaN
+            module = trainer.accelerator.unwrap_model(trainer.model)
+            self._nan_hook = module.register_forward_hook(lambda mod, args, out: out._replace(loss=out.loss * float("nan")))
+
+    def on_step_end(self, trainer, step, result):
+        if self._nan_hook is not None:
+            self._nan_hook.remove()
+            self._nan_hook = None
+        if self._fires("kill_after_step", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_save(self, trainer, step, staging):
+        if self._fires("kill_during_save", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_finish(self, trainer, stopped):
+        self._write_digests(trainer, "end")
+
+    def _write_digests(self, trainer, tag: str) -> None:
+        if not self.digests:
+            return
+        state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        path = trainer.plan.run_dir.debug / f"digests_rank{trainer.plan.rank}.json"
+        path.parent.mkdir(exist_ok=True)
+        digests = json.loads(path.read_text()) if path.exists() else {}
+        digests[tag] = {name: tensor_digest(tensor) for name, tensor in state.items()}
+        path.write_text(json.dumps(digests, indent=1, sort_keys=True))

@@ -17,10 +17,11 @@ import argparse
 import shlex
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent  # the checkout: configs/ and slurm/ live there
-EXPERIMENT_DIR = REPO / "configs" / "experiment"
+from fope_lm.paths import CONFIG_DIR, REPO_ROOT
+
+REPO = REPO_ROOT  # the checkout: configs/ and slurm/ live there
+EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 
 DATASETS = ("c4", "books")
 LENGTHS = (512, 1024)
@@ -147,11 +148,11 @@ def gpu_hours(run: Run, *, mfu: float, peak_tflops: float) -> tuple[float, float
     import torch
     from hydra import compose, initialize_config_dir
 
-    from fope_lm.config import TrainConfig
-    from fope_lm.model import build_model
+    from fope_lm.nn.model import build_model
     from fope_lm.schema import validated
+    from fope_lm.training.config import TrainConfig
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         train = validated(TrainConfig, compose("train", overrides=[f"+experiment={run.name}"])).train
     with torch.device("meta"):
         model = build_model(run.model, pe="rope", vocab_size=50280, max_seq_len=run.seq_len)

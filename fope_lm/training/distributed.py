@@ -19,13 +19,14 @@ import torch.distributed as dist
 from accelerate import Accelerator, DeepSpeedPlugin, DistributedType
 from accelerate.utils import InitProcessGroupKwargs, str_to_bool
 
-from fope_lm.config import Precision, TrainSection
 from fope_lm.errors import ConfigError
-from fope_lm.model import Transformer
+from fope_lm.nn.model import Transformer
+from fope_lm.paths import CONFIG_DIR
+from fope_lm.training.config import Precision, TrainSection
 
 log = logging.getLogger(__name__)
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+DEEPSPEED_CONFIGS = CONFIG_DIR / "deepspeed"
 
 
 def mixed_precision(precision: Precision) -> str:

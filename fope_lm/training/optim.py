@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from fope_lm.config import OptimSection
+from fope_lm.training.config import OptimSection
 
 
 def parameter_groups(model: nn.Module, settings: OptimSection) -> list[dict]:

@@ -26,12 +26,13 @@ from typing import cast
 import numpy as np
 import torch
 
-from fope_lm.attention import BIAS_CHUNK_ELEMENTS, expand_kv
-from fope_lm.checkpoint import checkpoint_metadata, load_model, read_model_config, recorded_data_dir, resolve_checkpoint
+from fope_lm.checkpoint import checkpoint_metadata, load_model, read_model_config
 from fope_lm.errors import DataError
-from fope_lm.generate import inference
+from fope_lm.nn.attention import BIAS_CHUNK_ELEMENTS, expand_kv
+from fope_lm.nn.generate import inference
 from fope_lm.position import BiasInputs, PositionEncoding
 from fope_lm.provenance import git_sha
+from fope_lm.run_dir import recorded_data_dir, resolve_checkpoint
 
 SPAN = 4  # analysed sequences are SPAN * L tokens: resolves the SPAN - 1 bins below 2*pi/L
 

@@ -23,27 +23,12 @@ import numpy as np
 import safetensors
 import torch
 
-from fope_lm.checkpoint import (
-    CHECKPOINTS_DIR,
-    WEIGHTS_FILE,
-    checkpoint_dir,
-    checkpoint_step,
-    checkpoints_after,
-    find_latest_checkpoint,
-    list_checkpoints,
-    move_aside,
-    prune_checkpoints,
-    publish_checkpoint,
-    read_model_config,
-    remove_checkpoints_after,
-    resolve_checkpoint,
-    save_model,
-    staging_dir,
-    write_json_atomic,
-)
-from fope_lm.distributed import model_for_export
+from fope_lm.checkpoint import WEIGHTS_FILE, read_model_config, save_model, write_json_atomic
 from fope_lm.errors import CheckpointError, FopeError
-from fope_lm.model import ModelConfig
+from fope_lm.nn.model import ModelConfig
+from fope_lm.run_dir import RunDir, checkpoint_step, move_aside, publish_checkpoint, resolve_checkpoint, staging_dir
+from fope_lm.training.config import RESUME_MAY_CHANGE
+from fope_lm.training.distributed import model_for_export
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +36,6 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 DEEPSPEED_STATE = "deepspeed"  # the DeepSpeed engine's own sharded model/optimizer states (pickles)
 RNG_STATE = "rng_rank{rank}.pt"
-# Settings a resumed run may change (a run gets extended, its batch or schedule adjusted): warned and recorded.
-RESUME_MAY_CHANGE = (
-    "train.global_batch_size", "train.max_steps", "optim.lr", "optim.warmup_steps", "optim.alpha_f",
-    "train.document_mask", "train.document_positions", "train.instance_filter", "train.repetition_max_period",
-    "train.repetition_min_period", "train.repetition_max_count",
-)  # fmt: skip
 
 
 class Checkpointer:
@@ -66,21 +45,21 @@ class Checkpointer:
     rank 0: a reader never sees a half-written step_N. The newest `keep_last` are kept.
     """
 
-    def __init__(self, run_dir: Path, accelerator, *, rank: int, deepspeed: bool, keep_last: int | None):
+    def __init__(self, run_dir: RunDir, accelerator, *, rank: int, deepspeed: bool, keep_last: int | None):
         self.run_dir, self.accelerator, self.rank = run_dir, accelerator, rank
         self.is_main = accelerator.is_main_process
         self.deepspeed, self.keep_last = deepspeed, keep_last
 
     def discard_history_after(self, step: int, resumed_step: int) -> None:
         """Rank 0, before training: the checkpoints after `step` (overwrite=true's) and half-written ones go."""
-        for path in remove_checkpoints_after(self.run_dir, step):
+        for path in self.run_dir.remove_checkpoints_after(step):
             log.warning("removed %s: this run continues from step %d", path, resumed_step)
 
     def save(self, step: int, model, optimizer, *, trainer_state: dict, metadata: dict,
              on_weights_written: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
         """Every rank: the full fp32 weights (written by rank 0), optimizer, RNG of each rank, trainer state;
         published atomically. `on_weights_written(staging)` runs on every rank between the weights and the rest."""
-        final = checkpoint_dir(self.run_dir, step)
+        final = self.run_dir.checkpoint(step)
         staging = staging_dir(final)
         if self.is_main:
             staging.mkdir(parents=True, exist_ok=True)
@@ -100,7 +79,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             publish_checkpoint(staging, final)
-            prune_checkpoints(self.run_dir, self.keep_last)
+            self.run_dir.prune_checkpoints(self.keep_last)
             log.info("saved %s", final)
         self.accelerator.wait_for_everyone()
         return final
@@ -129,11 +108,11 @@ class Checkpointer:
 
 
 # --- which checkpoint a run continues: checked by `plan`, before anything is built ------------------------------
-def resume_point(*, resume: str | None, overwrite: bool, run_dir: Path, rank: int) -> Path | None:
+def resume_point(*, resume: str | None, overwrite: bool, run_dir: RunDir, rank: int) -> Path | None:
     """The checkpoint this run continues, or None for a new one. Nothing of the run dir is deleted unless
     overwrite=true: a run dir holds one trajectory, so what an explicit resume= would abandon is refused."""
     if resume is None:
-        latest = find_latest_checkpoint(run_dir)
+        latest = run_dir.latest_checkpoint()
         if latest is not None and not overwrite:
             raise CheckpointError(
                 f"{run_dir} already has checkpoints (newest {latest.name}): pass resume=auto to continue it, "
@@ -145,8 +124,8 @@ def resume_point(*, resume: str | None, overwrite: bool, run_dir: Path, rank: in
     checkpoint = resolve_checkpoint(resume)
     if not (checkpoint / TRAINER_STATE).is_file():
         raise CheckpointError(f"{checkpoint} holds weights only, no training state: start from it with init_from={checkpoint}")
-    own = is_own_checkpoint(checkpoint, run_dir)
-    abandoned = checkpoints_after(run_dir, checkpoint_step(checkpoint)) if own else list_checkpoints(run_dir)
+    own = run_dir.owns(checkpoint)
+    abandoned = run_dir.checkpoints_after(checkpoint_step(checkpoint)) if own else run_dir.list_checkpoints()
     if abandoned and not overwrite:
         names = ", ".join(path.name for path in abandoned)
         what = f"newer checkpoints ({names})" if own else f"checkpoints of its own ({names})"
@@ -156,10 +135,6 @@ def resume_point(*, resume: str | None, overwrite: bool, run_dir: Path, rank: in
             f"{checkpoint.name} in a new run dir"
         )
     return checkpoint
-
-
-def is_own_checkpoint(checkpoint: Path, run_dir: Path) -> bool:
-    return checkpoint.resolve().parent == (run_dir / CHECKPOINTS_DIR).resolve()
 
 
 def check_resumable(checkpoint: Path, state: dict, model_config: ModelConfig, data) -> None:
@@ -218,11 +193,11 @@ def check_training_checkpoint(checkpoint: Path) -> dict:
     return state
 
 
-def latest_loadable_checkpoint(run_dir: str | Path, *, move_corrupt: bool) -> Path | None:
+def latest_loadable_checkpoint(run_dir: RunDir, *, move_corrupt: bool) -> Path | None:
     """The newest complete checkpoint of a run whose files are whole (`check_training_checkpoint`), or None. Newer
     ones that fail the check are skipped with a warning, and moved aside when `move_corrupt` (rank 0's job: every
     rank reaches the same verdict on the same files)."""
-    for checkpoint in reversed(list_checkpoints(run_dir)):
+    for checkpoint in reversed(run_dir.list_checkpoints()):
         try:
             check_training_checkpoint(checkpoint)
             return checkpoint

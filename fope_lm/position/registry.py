@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fope_lm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fope_lm.position.base import PositionEncoding
+from fope_lm.position.base import PositionEncoding
 
 _REGISTRY: dict[str, type[PositionEncoding]] = {}
 SHARED_ARGUMENTS = {"head_dim", "n_heads", "n_kv_heads", "max_seq_len", "theta"}  # from the model's shape, not options

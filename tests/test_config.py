@@ -51,6 +51,9 @@ from helpers.training import TINY, compose_config, launch
         (["run_name=../escape"], ConfigError, ["run_name='../escape' must name a directory inside run_root", "no '..'"]),
         (["run_name=/tmp/elsewhere"], ConfigError, ["must name a directory inside run_root"]),
         (["+train.eval_hooks.lengths._target_=nosuch.evaluate"], ConfigError, ["train.eval_hooks.lengths", "nosuch"]),
+        (["train.deepspeed=zero3", "train.compile=true"], ConfigError, ["train.compile=true with DeepSpeed ZeRO-3", "ZeRO-1/2"]),
+        (["train.attention=fast"], ConfigError, ["train.attention must be one of auto, flash, sdpa", "fast"]),
+        (["train.attention=flash"], ConfigError, ["attention=flash but flash-attn is not installed", "--no-build-isolation"]),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(plan_with, runs, overrides, error, words):
@@ -98,6 +101,18 @@ def test_docs_quote_the_messages_really_printed(plan_with):
         with pytest.raises(FopeError) as info:
             plan_with(*overrides)
         assert printed == f"error: {info.value}", overrides
+
+
+def test_compile_defaults_to_cuda_without_zero3(plan_with, monkeypatch):
+    assert plan_with().compile is False  # CPU: compiling a small model costs more than it saves
+    assert plan_with("train.compile=true").compile is True
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # as a GPU node would say (fp32: no capability query)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert plan_with("train.precision=fp32").compile is True
+    assert plan_with("train.precision=fp32", "train.deepspeed=zero2").compile is True
+    assert plan_with("train.precision=fp32", "train.deepspeed=zero3").compile is False  # compile=true with it is refused
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # a CPU run on a GPU machine
+    assert plan_with("train.precision=fp32").compile is False
 
 
 def test_batch_in_tokens_alone(plan_with):

@@ -164,7 +164,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
         "SLURM_JOB_NODELIST": "localhost",
         "SLURM_SUBMIT_DIR": str(REPO),
         "FOPE_GPUS_PER_NODE": "2",
-        "FOPE_ACCELERATE_CONFIG": "configs/accelerate/cpu.yaml",
+        "FOPE_ACCELERATE_CONFIG": "configs/accelerate/multi_gpu.yaml",  # DDP; ACCELERATE_USE_CPU puts it on the CPU
         "FOPE_RUN_ROOT": str(runs),
         "FOPE_DATA_ROOT": str(embedded_data_root),
         "FOPE_VENV": str(Path(sys.executable).parent.parent),
@@ -206,10 +206,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, embedded_d
     assert stopped_at == 4
     assert f"requeue {job_id}" in log.read_text()
     port = 20000 + job_id % 20000
-    launcher = (
-        f"--num_machines 1 --num_processes 2 --machine_rank 0 --main_process_ip localhost --main_process_port {port} "
-        "--rdzv_backend c10d --multi_gpu"
-    )
+    launcher = f"--num_machines 1 --num_processes 2 --machine_rank 0 --main_process_ip localhost --main_process_port {port} train.py"
     assert launcher in output, output[-4000:]
     assert f"resume=auto train.stop_file={runs}/.slurm/{job_id}.stop" in output
 

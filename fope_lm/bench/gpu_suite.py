@@ -17,7 +17,9 @@ On the GPU, with bf16 autocast (float32 weights and AdamW, as the trainer runs),
                 H200 989e12, A100 312e12, ...) of `60m`, `180m` and `1b` (RoPE; --mfu-pe) at T = 512 and 1024,
                 16384 tokens per step, eager and torch.compile'd (in place, as train.compile does; the compiling
                 first step is reported apart), with PyTorch SDPA, and with flash-attn when it is installed (else
-                those configurations are recorded as skipped).
+                those configurations are recorded as skipped); each as the trainer steps (its AdamW settings, fused on
+                CUDA; TF32; the chunked LM-head loss) with the kernels it chose recorded (`attention_kernels`), plus
+                the smallest preset on packed documents (masked, restarting positions: flash-attn's varlen kernel).
 
 Every configuration writes one JSON line to --out as soon as it finishes (flushed), with its status: ok, skipped
 (and why) or error (e.g. out of memory; the suite goes on). Time boxes: a group's configurations run smallest
@@ -45,14 +47,21 @@ from typing import Any
 import torch
 import torch._functorch.config
 import transformers
+from omegaconf import OmegaConf
 
 import fope_lm.nn.attention
 from fope_lm.bench import eval_memory, pe_overhead, step_vs_hf
 from fope_lm.bench.common import make_train_step, print_table, time_interleaved
 from fope_lm.bench.graphs import graph_breaks
+from fope_lm.nn.attention import attention_kernels
+from fope_lm.nn.documents import Documents
 from fope_lm.nn.model import build_model
+from fope_lm.paths import CONFIG_DIR
 from fope_lm.position import available
+from fope_lm.schema import validated
+from fope_lm.training.config import OptimSection
 from fope_lm.training.metrics import peak_flops
+from fope_lm.training.optim import build_optimizer
 
 GROUPS = ("graphs", "step_vs_hf", "pe_overhead", "eval_memory", "mfu")
 
@@ -167,21 +176,32 @@ class Suite:
         )
 
 
-def mfu_step(preset: str, seq_len: int, *, pe: str, compile: bool, kernel: str, sizes: Sizes, device: torch.device) -> dict:
-    """Tokens/s and MFU of our model's train step; with compile, the first (compiling) step is timed apart."""
+def mfu_step(
+    preset: str, seq_len: int, *, pe: str, compile: bool, kernel: str, sizes: Sizes, device: torch.device, documents: bool = False
+) -> dict:
+    """Tokens/s and MFU of our model's train step as the trainer runs it (its AdamW settings, TF32, the chunked loss,
+    `set_attention`); with compile, the first (compiling) step is timed apart. documents: rows packed with a document
+    every ~seq_len/4 tokens, masked and with restarting positions (flash-attn's varlen kernel)."""
     torch.manual_seed(0)
     batch = sizes.tokens_per_step // seq_len
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # train.tf32's default
     with device:  # initialised where it runs: a 1b model's init on the CPU takes longer than its benchmark
         model = build_model(preset, pe=pe, vocab_size=sizes.vocab, max_seq_len=seq_len).train()
-    model.use_flash_attention(kernel == "flash")
+    model.set_attention(kernel, device)
+    kernels = attention_kernels(model)
     if compile:
         torch._dynamo.reset()  # each configuration compiles its own static-shape graphs, as a training run does
         model.compile(backend=sizes.compile_backend)
-    ids = torch.randint(0, sizes.vocab, (batch, seq_len + 1), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step = make_train_step(model, lambda m: m(ids[:, :-1], ids[:, 1:]).loss, optimizer, device, sizes.dtype)
+    ids = torch.randint(1, sizes.vocab, (batch, seq_len + 1))
+    forward: dict[str, Any] = {}
+    if documents:
+        ids[:, :: max(2, seq_len // 4)] = 0  # EOS: a few documents per row
+        forward = {"doc_ids": Documents.of_tokens(ids[:, :-1], 0).to(device)}
+    ids = ids.to(device)
+    optimizer = build_optimizer(model, trainer_optim_settings())
+    step = make_train_step(model, lambda m: m(ids[:, :-1], ids[:, 1:], **forward).loss, optimizer, device, sizes.dtype)
     first_step = step()
     seconds = time_interleaved({"step": step}, sizes.warmup, sizes.steps)["step"]
     tokens_per_s = batch * seq_len / seconds
@@ -195,7 +215,13 @@ def mfu_step(preset: str, seq_len: int, *, pe: str, compile: bool, kernel: str, 
         "flops_per_token": flops,
         "mfu": tokens_per_s * flops / peak if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "kernels": kernels,
     }
+
+
+def trainer_optim_settings() -> OptimSection:
+    """The optimizer section of configs/train.yaml, as a training run gets it (fused AdamW on CUDA)."""
+    return validated(OptimSection, OmegaConf.load(CONFIG_DIR / "train.yaml").optim)
 
 
 def forward_graphs(preset: str, pe: str, sizes: Sizes, device: torch.device) -> dict:
@@ -362,3 +388,15 @@ def run_groups(suite: Suite, groups: set[str], sizes: Sizes, device: torch.devic
                             budget=sizes.budgets[group],
                             skip=skip,
                         )
+                # packed documents (masked, positions restarting): flash-attn's varlen kernel, or SDPA's mask
+                preset, seq_len = sizes.mfu_presets[0], sizes.train_lens[-1]
+                config = {"preset": preset, "seq_len": seq_len, "pe": mfu_pe, "compile": compile, "attention": f"{kernel}+documents"}
+                suite.run(
+                    group,
+                    config,
+                    functools.partial(
+                        mfu_step, preset, seq_len, pe=mfu_pe, compile=compile, kernel=kernel, sizes=sizes, device=device, documents=True
+                    ),
+                    budget=sizes.budgets[group],
+                    skip=skip,
+                )

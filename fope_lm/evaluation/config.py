@@ -6,6 +6,7 @@ loaded, and each `__post_init__` rejects the values that types cannot express.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ class EvalConfig:
     data: Any = None  # a data config (configs/data/*.yaml): the validation split and the tokenizer
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     dtype: AutocastDtype = AutocastDtype.auto  # autocast dtype
+    attention: str = "auto"  # auto (flash-attn where it fits, else PyTorch SDPA) | flash (or a one-line error) | sdpa
     progress: bool = True  # tqdm bars per length
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
@@ -95,6 +97,11 @@ class EvalConfig:
     wandb: WandbConfig = field(default_factory=lambda: WandbConfig(enabled=False))
 
     def __post_init__(self):
+        if self.label is not None and (self.label in ("", ".", "..") or any(sep and sep in self.label for sep in ("/", os.sep, os.altsep))):
+            raise ConfigError(  # it names the dir eval/step_N/<label>: `..` or `a/b` would write elsewhere
+                f"label={self.label!r} is not a name: results go to eval/step_N/<label>, so use a non-empty label "
+                "without / that is not . or .., e.g. label=rope-yarn4"
+            )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r} is not auto, cpu, cuda or cuda:<index>")
         if self.dtype not in AutocastDtype.__members__:

@@ -37,6 +37,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     autocast_dtype = resolve_autocast(cfg.dtype, device)
     encoding = trained.pe_spec.with_eval_scaling(cfg.scaling, max_seq_len=trained.max_seq_len)
     model = load_model(checkpoint_dir, device=device, pe_options=encoding.options)
+    model.set_attention(cfg.attention, device)
     data = TokenData(ensure_prepared(cfg.data))
     data.check_vocab(model.config.vocab_size)
     training_fingerprint = metadata.get("data_fingerprint")

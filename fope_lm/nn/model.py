@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fope_lm.errors import ConfigError
-from fope_lm.nn.attention import causal_attention, flash_attn_funcs
+from fope_lm.nn.attention import KernelChoice, causal_attention, choose_kernel
 from fope_lm.nn.documents import Documents, document_lengths, document_positions
 from fope_lm.nn.kv_cache import KVCache
 from fope_lm.position import EncodingSpec, PositionEncoding, Positions
@@ -137,7 +138,7 @@ class Attention(nn.Module):
         # fused projection: the H query heads, then the H_kv key heads, then the H_kv value heads
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.flash = flash_attn_funcs()  # looked up once, here: never inside a traced forward
+        self.flash: KernelChoice = choose_kernel("auto")  # looked up here, never in a traced forward; set_attention refines it
         self.pe: PositionEncoding = config.pe_spec.build(
             head_dim=config.head_dim, n_heads=config.n_heads, n_kv_heads=config.kv_heads, max_seq_len=config.max_seq_len,
             theta=config.rope_theta,
@@ -200,8 +201,65 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+# The training loss never holds the whole (B*T, V) float32 logits: the LM head and the cross-entropy run on chunks of
+# token rows, each chunk's logits at most this many elements (256 MiB of float32: 1334 rows at V = 50304)
+# (`Transformer.forward`'s `loss_chunk_size`). Like attention's BIAS_CHUNK_ELEMENTS, a bound in bytes.
+LOSS_CHUNK_ELEMENTS = 2**26
+
+
+def default_loss_chunk_size(vocab_size: int) -> int:
+    """Token rows per LM-head chunk when the caller names none: LOSS_CHUNK_ELEMENTS // V (at least 1)."""
+    return max(1, LOSS_CHUNK_ELEMENTS // vocab_size)
+
+
+def fused_linear_cross_entropy() -> Callable[..., torch.Tensor] | None:
+    """liger-kernel's fused linear cross-entropy, fn(rows (N, D), weight (V, D), targets (N,), ignore_index=,
+    reduction=) -> the loss, where CUDA is present and the optional extra is installed (`pip install -e .[liger]`);
+    else None. Looked up by the model once, when it is built: nothing is imported while a forward is traced."""
+    if not torch.cuda.is_available():  # Triton kernels: CUDA only, so never imported on a CPU machine
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of logits rows @ weight.T (rows (N, D), weight (V, D), targets (N,), -100 ignored),
+    `chunk` rows at a time, with each chunk's gradients computed in forward right after its logits (softmax - one-hot,
+    times the rows and the weight): backward then needs neither the logits nor their recomputation, only a scaling of
+    what forward kept (the rows' gradient, N x D, and the weight's, V x D float32). The loss is F.cross_entropy's of
+    each chunk; the matmuls run in the logits' dtype (autocast's, or the weight's)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        loss = rows.new_zeros((), dtype=torch.float32)
+        grad_rows = torch.empty_like(rows)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, rows.shape[0], chunk):
+            x, t = rows[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(x, weight)
+            dtype = logits.dtype
+            log_probs = F.log_softmax(logits.float(), dim=-1)
+            del logits
+            loss = loss + F.nll_loss(log_probs, t, ignore_index=-100, reduction="sum")
+            kept = (t != -100).to(log_probs.dtype)[:, None]
+            grad = log_probs.exp_().scatter_add_(1, t.clamp(min=0)[:, None], -kept).mul_(kept).to(dtype)  # d loss / d logits
+            grad_rows[start : start + chunk] = grad @ weight
+            grad_weight += grad.T @ x
+        ctx.save_for_backward(grad_rows, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_rows, grad_weight = ctx.saved_tensors
+        return grad_rows * grad_loss.to(grad_rows.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+
+
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor | None  # (B, T, V) float32; None when the loss was computed in chunks
+    logits: torch.Tensor | None  # (B, T, V) float32; None when the loss was computed in chunks (or fused)
     loss: torch.Tensor | None  # float32 cross-entropy ("mean" or "sum" over target tokens)
     n_targets: torch.Tensor | None  # number of target tokens (labels != -100)
 
@@ -217,6 +275,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.checkpoint_every = 0  # activation checkpointing: a training-time choice (set_activation_checkpointing)
+        self.fused_loss = fused_linear_cross_entropy()  # looked up once, here: never inside a traced forward
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -235,10 +294,24 @@ class Transformer(nn.Module):
                 module.init_constants()
                 module.reset_parameters()
 
-    def use_flash_attention(self, enabled: bool) -> None:
-        """flash-attn where installed and the inputs fit (CUDA, 16-bit), the default; False: always PyTorch SDPA."""
+    def set_attention(self, mode: str = "auto", device: torch.device | str | None = None) -> None:
+        """The attention kernel of every layer, chosen once (fope_lm.nn.attention.choose_kernel): auto (flash-attn where
+        it fits, else PyTorch SDPA; the default), flash (flash-attn or a one-line ConfigError, now for what the build
+        knows, at the first call for the rest) or sdpa. device: where the model will run (default: its parameters')."""
+        device = next(self.parameters()).device if device is None else device
         for block in self.blocks:
-            cast(Block, block).attn.flash = flash_attn_funcs() if enabled else None
+            attn = cast(Block, block).attn
+            attn.flash = choose_kernel(mode, attn.pe, head_dim=attn.head_dim, device=device)
+
+    def use_flash_attention(self, enabled: bool) -> None:
+        """`set_attention("auto")` if enabled, else `set_attention("sdpa")` (the earlier switch, still called by
+        fope_lm.bench.gpu_suite)."""
+        self.set_attention("auto" if enabled else "sdpa")
+
+    def use_fused_loss(self, enabled: bool) -> None:
+        """liger-kernel's fused linear cross-entropy for CUDA training forwards where installed, the default; False:
+        always the chunked LM head + loss of `forward`."""
+        self.fused_loss = fused_linear_cross_entropy() if enabled else None
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Recompute every `every`-th block (blocks 0, every, 2 every, ...) in backward instead of keeping its
@@ -314,8 +387,13 @@ class Transformer(nn.Module):
 
         start_pos: absolute position of input_ids[:, 0] (the KV cache length when decoding).
         dynamic_len: the length dynamic YaRN scales for (default: the last position + 1).
-        loss_chunk_size: compute the LM head + loss this many positions at a time, never holding (B, T, V)
-          float32 logits (then `logits` is None).
+        loss_chunk_size: with labels, the LM head + loss run on this many token rows (of the B * T) at a time, so
+          that the whole (B * T, V) float32 logits never exist; None: `default_loss_chunk_size(V)`
+          (LOSS_CHUNK_ELEMENTS // V rows). When every row fits one chunk the loss is computed at once and `logits`
+          returned; else `logits` is None, and with gradients each chunk's are computed in forward
+          (`ChunkedLinearCrossEntropy`; a head weight that is not all here, sharded outside lm_head's own call, is
+          recomputed chunk by chunk in backward instead). On CUDA with liger-kernel installed, a training forward uses
+          its fused linear cross-entropy (`use_fused_loss`), which chunks by itself.
         doc_ids: (B, T) int64, the document of each token of packed rows (non-decreasing along T;
           `fope_lm.nn.documents`), or `Documents`. With the defaults every token's logits are those of its document
           run alone: `document_mask` keeps attention within each document, `restart_positions` counts each
@@ -325,31 +403,46 @@ class Transformer(nn.Module):
             input_ids, start_pos=start_pos, kv_cache=kv_cache, dynamic_len=dynamic_len,
             doc_ids=doc_ids, document_mask=document_mask, restart_positions=restart_positions,
         )  # fmt: skip
-        T = input_ids.shape[1]
         if labels is None:
             return ModelOutput(self.lm_head(x).float(), None, None)
         n_targets = (labels != -100).sum()
-        if loss_chunk_size is None or loss_chunk_size >= T:
+        rows, targets = x.flatten(0, 1), labels.flatten()  # (B * T, D), (B * T,)
+        chunk = loss_chunk_size or default_loss_chunk_size(self.config.padded_vocab_size)
+        logits, fused = None, self.fused_loss if self._fuses_loss(rows) else None
+        if fused is not None:
+            loss = fused(rows, self.lm_head.weight, targets, ignore_index=-100, reduction="sum")
+        elif chunk >= rows.shape[0]:
             logits = self.lm_head(x).float()
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            loss = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
+        elif torch.is_grad_enabled() and self._head_weight_is_here():
+            loss = cast(torch.Tensor, ChunkedLinearCrossEntropy.apply(rows, self.lm_head.weight, targets, chunk))
         else:
-            logits = None
-            loss = x.new_zeros((), dtype=torch.float32)
-            for start in range(0, T, loss_chunk_size):
-                chunk = (x[:, start : start + loss_chunk_size], labels[:, start : start + loss_chunk_size])
+            loss = rows.new_zeros((), dtype=torch.float32)
+            for start in range(0, rows.shape[0], chunk):
+                piece = (rows[start : start + chunk], targets[start : start + chunk])
                 if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of storing them
-                    loss = loss + checkpoint(self._loss_sum, *chunk, use_reentrant=False)
+                    loss = loss + checkpoint(self._loss_sum, *piece, use_reentrant=False)
                 else:
-                    loss = loss + self._loss_sum(*chunk)
+                    loss = loss + self._loss_sum(*piece)
         if reduction == "mean":
             loss = loss / n_targets.clamp(min=1)
         elif reduction != "sum":
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         return ModelOutput(logits, loss, n_targets)
 
-    def _loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x).float()
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    def _loss_sum(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of token rows (N, D) against targets (N,), -100 ignored."""
+        return F.cross_entropy(self.lm_head(rows).float(), targets, ignore_index=-100, reduction="sum")
+
+    def _fuses_loss(self, rows: torch.Tensor) -> bool:
+        """Whether the loss of `rows` goes to the fused kernel: one is installed (CUDA), the rows are on CUDA, a
+        gradient is wanted (without one, chunks cost no more), and the head's weight is all here."""
+        return self.fused_loss is not None and rows.is_cuda and torch.is_grad_enabled() and self._head_weight_is_here()
+
+    def _head_weight_is_here(self) -> bool:
+        """Whether lm_head's weight can be used outside lm_head's own call: not a parameter sharded there and gathered
+        only while its module runs (its shape is then not (V, D))."""
+        return self.lm_head.weight.shape == (self.config.padded_vocab_size, self.config.d_model)
 
 
 def build_model(preset: str | ModelConfig = "tiny", pe: str | None = None, **overrides) -> Transformer:

@@ -29,7 +29,8 @@ class AlibiPositionEncoding(PositionEncoding):
     def __init__(self, **base):
         super().__init__(**base)
         # a constant, not state: a non-persistent buffer, so it moves with the model and stays out of checkpoints
-        self.register_buffer("slopes", alibi_slopes(self.n_heads), persistent=False)
+        self.register_buffer("slopes", torch.empty(self.n_heads), persistent=False)  # on the device the model is built on
+        self.init_constants()
 
     def init_constants(self) -> None:
         with torch.no_grad():

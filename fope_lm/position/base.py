@@ -17,6 +17,7 @@ repeated for the queries of each group.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +167,14 @@ class PositionEncoding(nn.Module):
         return []
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast turned off on `device_type`; nothing where autocast does not exist (the meta device, where
+    torch.autocast raises)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def relative_distance(q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
     """i - j in float32 with a heads axis to broadcast over: (1, Tq, Tk) for positions (Tq,), (Tk,), and
     (B, 1, Tq, Tk) for per-token positions (B, Tq), (B, Tk)."""
@@ -262,7 +271,7 @@ class RotaryEncoding(PositionEncoding):
         """The tables for `positions` in `dtype` on `device` (built in float32 with autocast off)."""
         positions = Positions.of(positions)
         length = positions.dynamic_length(dynamic_len) if self.scaling.depends_on_length else positions.end
-        with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        with autocast_off(torch.device(device).type):
             cos, sin = self.tables(positions.tensor(torch.device(device)).to(device=device, dtype=torch.float32), length)
         return cos.to(dtype), sin.to(dtype)
 

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from fope_lm.position.base import BiasInputs, PositionEncoding
+from fope_lm.position.base import BiasInputs, PositionEncoding, autocast_off
 from fope_lm.position.registry import register
 
 
@@ -42,7 +42,7 @@ class ContextualPositionEncoding(PositionEncoding):
         return 6  # logits, gates, positions, their floor and ceil, the interpolated bias
 
     def logit_bias(self, inputs: BiasInputs) -> torch.Tensor:
-        with torch.autocast(inputs.q.device.type, enabled=False):
+        with autocast_off(inputs.q.device.type):  # float32 (and on the meta device, where autocast does not exist)
             q, k = inputs.q.float(), inputs.k.float()
             scale = 1 / math.sqrt(self.head_dim)
             mask = inputs.mask if inputs.mask.dim() == 2 else inputs.mask[:, None]  # broadcast over heads

@@ -9,14 +9,19 @@ Defaults as in the reference, mcleish7/arithmetic `cramming/architectures/embedd
 added to the normaliser, and init_L = 512 whatever the training length (its model never sets init_L; the DAPE
 authors' FIRE, chuanyang-Zheng/DAPE `megatron/model/positional_embeddings.py`, has the same default).
 `init_length=None` takes the training length instead. The bias is built per query chunk, never (T, T).
+
+The bias is float32 whatever the weights' dtype (bf16 under DeepSpeed) and the autocast around it: the MLP runs on
+float32 copies of its weights. c and L_multiplier are 1-element Parameters, shape (1,) (DeepSpeed's ZeRO flattening
+cannot view a 0-dim tensor); checkpoints keep them 0-dim as they always were, so checkpoints of either version load.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fope_lm.position.base import PositionEncoding, relative_distance
+from fope_lm.position.base import PositionEncoding, autocast_off, relative_distance
 from fope_lm.position.registry import register
 
 
@@ -26,11 +31,12 @@ class FirePositionEncoding(PositionEncoding):
         super().__init__(**base)
         self.init_c, self.eps, self.mlp_width = float(init_c), float(eps), int(mlp_width)
         self.mlp = nn.Sequential(nn.Linear(1, mlp_width), nn.ReLU(), nn.Linear(mlp_width, self.n_heads))
-        self.c = nn.Parameter(torch.empty(()))
-        self.length_multiplier = nn.Parameter(torch.empty(()))
+        self.c = nn.Parameter(torch.empty(1))
+        self.length_multiplier = nn.Parameter(torch.empty(1))
         # init_L: a constant the learned multiplier scales (the reference's non-trainable parameter); kept in checkpoints
+        self.init_length_value = float(self.max_seq_len if init_length is None else init_length)
         self.init_length: torch.Tensor
-        self.register_buffer("init_length", torch.tensor(float(self.max_seq_len if init_length is None else init_length)))
+        self.register_buffer("init_length", torch.tensor(self.init_length_value))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -40,6 +46,26 @@ class FirePositionEncoding(PositionEncoding):
                     layer.reset_parameters()  # PyTorch's default init, as the reference's nn.Linear
             self.c.fill_(self.init_c)
             self.length_multiplier.fill_(1.0)
+            self.init_length.fill_(self.init_length_value)  # a meta-device build leaves it without a value
+
+    SCALARS = ("c", "length_multiplier")  # (1,) Parameters, 0-dim in checkpoints
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """c and L_multiplier as 0-dim tensors, the checkpoint format of every FIRE run (keep_vars: the Parameters
+        themselves; an empty ZeRO-3 partition as it is)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:
+            for name in self.SCALARS:
+                if destination[prefix + name].numel() == 1:
+                    destination[prefix + name] = destination[prefix + name].reshape(())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Takes c and L_multiplier 0-dim (checkpoints) or (1,)-shaped (the Parameters themselves)."""
+        for name in self.SCALARS:
+            tensor = state_dict.get(prefix + name)
+            if tensor is not None and tensor.dim() == 0:
+                state_dict[prefix + name] = tensor.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def has_attention_bias(self) -> bool:
@@ -52,15 +78,17 @@ class FirePositionEncoding(PositionEncoding):
     def normalized_distance(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
         """psi(i - j) / psi(max(L, i)) in float32: (1, Tq, Tk), or (B, 1, Tq, Tk) for per-token positions."""
         c = self.c.float()
-        threshold = (self.length_multiplier.float() * self.init_length).abs()
+        threshold = (self.length_multiplier.float() * self.init_length.float()).abs()
         normalizer = torch.maximum(q_positions.to(torch.float32), threshold)[..., None, :, None]
         distance = torch.log((c * relative_distance(q_positions, k_positions)).abs() + 1)
         return distance / (torch.log((c * normalizer).abs() + 1) + self.eps)
 
     def attention_bias(self, q_positions, k_positions):
-        with torch.autocast(q_positions.device.type, enabled=False):  # a float32 bias, as every encoding's
-            x = self.normalized_distance(q_positions, k_positions).squeeze(-3)  # (..., Tq, Tk)
-            return self.mlp(x[..., None]).movedim(-1, -3)  # (..., H, Tq, Tk)
+        first, second = self.mlp[0], self.mlp[2]
+        with autocast_off(q_positions.device.type):  # a float32 bias, as every encoding's, from float32 weights
+            x = self.normalized_distance(q_positions, k_positions).squeeze(-3)[..., None]  # (..., Tq, Tk, 1)
+            hidden = F.relu(F.linear(x, first.weight.float(), first.bias.float()))
+            return F.linear(hidden, second.weight.float(), second.bias.float()).movedim(-1, -3)  # (..., H, Tq, Tk)
 
     def extra_repr(self) -> str:
-        return f"heads={self.n_heads}, mlp 1->{self.mlp_width}->{self.n_heads}, init_L={float(self.init_length):g}"
+        return f"heads={self.n_heads}, mlp 1->{self.mlp_width}->{self.n_heads}, init_L={self.init_length_value:g}"

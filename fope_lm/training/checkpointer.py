@@ -97,7 +97,7 @@ class Checkpointer:
         else:
             if not (checkpoint / OPTIMIZER_STATE).is_file():
                 raise CheckpointError(f"{checkpoint} was saved with DeepSpeed: resume it with the same DeepSpeed config")
-            optimizer.load_state_dict(load_torch_file(checkpoint / OPTIMIZER_STATE))
+            optimizer.load_state_dict(fit_to_parameters(load_torch_file(checkpoint / OPTIMIZER_STATE), optimizer))
         rng_file = checkpoint / RNG_STATE.format(rank=self.rank)
         note = rng_restore_note(checkpoint, saved_by=state["world_size"], world_size=world_size, rank=self.rank, rng_file=rng_file)
         if note:
@@ -215,6 +215,18 @@ def load_torch_file(path: Path):
     except Exception as exc:  # truncated zip, garbled pickle, unpickling refused
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(f"cannot load {path} ({type(exc).__name__}: {first_line}); resume an older checkpoint") from None
+
+
+def fit_to_parameters(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state_dict whose per-parameter slots (AdamW's exp_avg, exp_avg_sq) take their parameter's shape
+    where only the shape changed, not the size: checkpoints of older code hold FIRE's scalars as 0-dim tensors."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, slots in state.get("state", {}).items():
+        param = params[index]
+        for key, value in slots.items():
+            if key != "step" and torch.is_tensor(value) and value.shape != param.shape and value.numel() == param.numel():
+                slots[key] = value.reshape(param.shape)
+    return state
 
 
 def rng_restore_note(checkpoint: Path, *, saved_by: int, world_size: int, rank: int, rng_file: Path) -> str | None:

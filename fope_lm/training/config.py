@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fope_lm.data.instance_filter import RepetitionFilter
 from fope_lm.errors import ConfigError
+from fope_lm.nn.attention import ATTENTION_MODES
 from fope_lm.nn.model import ModelConfig, Transformer, preset_config
 from fope_lm.schema import Choice
 from fope_lm.tracking import WandbConfig
@@ -90,7 +91,9 @@ class TrainSection:
     deterministic: bool = MISSING
     num_threads: int | None = None
     peak_tflops: float | None = None
-    compile: bool = MISSING
+    compile: bool | None = MISSING  # null: on for CUDA with DDP / ZeRO-1/2, off on CPU (resolved by the trainer's plan)
+    tf32: bool = MISSING
+    attention: str = MISSING  # auto | flash | sdpa (fope_lm.nn.attention.choose_kernel)
     activation_checkpointing: str = MISSING  # none | full | every_<n>
     document_mask: bool = resumable()  # attention within each document of a packed row (fope_lm.nn.documents)
     document_positions: str | None = resumable()  # global | restart (at each document); null: restart when masking
@@ -134,6 +137,8 @@ class TrainSection:
             raise ConfigError(
                 f"train.activation_checkpointing must be none, full or every_<n> (every n-th block), got {self.activation_checkpointing!r}"
             )
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         if self.document_positions is None:
             self.document_positions = "restart" if self.document_mask else "global"
         if self.document_positions not in ("global", "restart"):

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import hydra
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import set_seed, str_to_bool
 from omegaconf import DictConfig
 
 from fope_lm.checkpoint import load_state_dict, load_weights, read_model_config, transfer_weights, write_json_atomic
 from fope_lm.data import DataConfig, TokenData, TrainBatches, ValidationTokens, ensure_prepared
 from fope_lm.devices import device_name
 from fope_lm.errors import ConfigError, FopeError
+from fope_lm.nn.attention import attention_kernels, choose_kernel
 from fope_lm.nn.documents import Documents
 from fope_lm.nn.model import ModelConfig, Transformer
 from fope_lm.provenance import git_sha, package_versions
@@ -62,6 +63,7 @@ from fope_lm.training.distributed import (
     uses_deepspeed,
 )
 from fope_lm.training.optim import build_optimizer, learning_rate, set_learning_rate
+from fope_lm.training.prefetch import HostBatch, Prefetcher, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class Plan:
     grad_accum: int  # micro-batches per rank per optimizer step
     mixed_precision: str
     deepspeed_config: dict | None
+    compile: bool  # train.compile resolved for this device and engine
     resume_from: Path | None  # a complete checkpoint to continue, or None for a new run
     resume_state: dict | None  # its trainer_state.json
     resume_changes: dict  # "section.key" -> [saved value, new value] for the settings a resume may change
@@ -140,6 +143,11 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
         if train.on_nonfinite is OnNonFinite.skip:
             raise ConfigError("train.on_nonfinite=skip does not work with DeepSpeed, which steps inside backward: use stop")
 
+    compile = resolve_compile(train.compile, deepspeed_config)
+    if train.attention == "flash":  # flash-attn missing, a CPU run or a bias it cannot compute: one line, now
+        with torch.device("meta"):
+            encoding = model_config.pe_spec.build(head_dim=model_config.head_dim, n_heads=model_config.n_heads, max_seq_len=train.seq_len)
+        choose_kernel("flash", encoding, head_dim=model_config.head_dim, device="cuda" if runs_on_cuda() else "cpu")
     run_dir = RunDir(Path(config.run_root) / config.run_name)
     resume_from = resume_point(resume=config.resume, overwrite=config.overwrite, run_dir=run_dir, rank=rank)
     resume_state = init_from = None
@@ -165,6 +173,7 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
         grad_accum=grad_accum,
         mixed_precision=precision,
         deepspeed_config=deepspeed_config,
+        compile=compile,
         resume_from=resume_from,
         resume_state=resume_state,
         resume_changes=resume_changes,
@@ -174,6 +183,26 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
         stop_file=Path(train.stop_file) if train.stop_file else run_dir.stop_file,
         started=started,
     )
+
+
+def resolve_compile(configured: bool | None, deepspeed_config: dict | None) -> bool:
+    """train.compile: null compiles on CUDA (DDP, one GPU, ZeRO-1/2), not on CPU, where compiling a small model costs
+    more than it saves. ZeRO-3 is refused: its parameter hooks exhaust dynamo's recompile limit, which then falls back
+    to eager module by module without a word."""
+    zero3 = deepspeed_config is not None and deepspeed_config["zero_optimization"].get("stage") == 3
+    if configured and zero3:
+        raise ConfigError(
+            "train.compile=true with DeepSpeed ZeRO-3: dynamo recompiles on ZeRO-3's parameter hooks and silently falls back "
+            "to eager; compile with DDP or ZeRO-1/2, or set train.compile=false"
+        )
+    if configured is not None:
+        return configured
+    return runs_on_cuda() and not zero3
+
+
+def runs_on_cuda() -> bool:
+    """Whether this run's processes will train on CUDA (accelerate's ACCELERATE_USE_CPU forces the CPU)."""
+    return torch.cuda.is_available() and not str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false"))
 
 
 def instantiate_eval_hooks(hooks: dict) -> dict:
@@ -209,6 +238,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.accelerator = build_accelerator(plan.mixed_precision, plan.grad_accum, plan.deepspeed_config)
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        if self.device.type == "cuda":  # TF32 tensor cores for fp32 matmuls (what autocast leaves in fp32, or fp32 runs)
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if train.tf32 else "ieee"
         self.checkpointer = Checkpointer(
             plan.run_dir, self.accelerator, rank=plan.rank, deepspeed=uses_deepspeed(self.accelerator), keep_last=train.keep_last
         )
@@ -219,15 +250,19 @@ class Trainer:
         model = self._build_model()
         self.flops_per_token, self.num_parameters = model.flops_per_token(train.seq_len), model.num_parameters()
         model.to(self.device)
+        model.set_attention(train.attention, self.device)  # train.attention=flash without flash-attn: one line, no compute
         model.set_activation_checkpointing(train.checkpoint_every)
-        if train.compile:  # one graph per forward for every PE (tests/test_compile.py)
+        if plan.compile:  # one graph per forward for every PE (tests/test_compile.py)
             model.compile()  # in place: the same module, parameters and state-dict keys
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.config.optim))
         if self.checkpointer.deepspeed:
             broadcast_buffers(self.accelerator.unwrap_model(self.model))
 
-        self.batches = TrainBatches(
-            plan.data, train.seq_len, train.batch_size, seed=self.config.seed, rank=plan.rank, world_size=plan.world_size
+        # the next step's batch is read, filtered and cut into documents on a background thread (fope_lm.training.prefetch);
+        # state_dict() is the position after the steps done, not after the batch prepared ahead
+        self.batches: Prefetcher[HostBatch] = Prefetcher(
+            TrainBatches(plan.data, train.seq_len, train.batch_size, seed=self.config.seed, rank=plan.rank, world_size=plan.world_size),
+            self._prepare_batch,
         )
         self.val_chunks = self._validation_shard()
         self.step, self.tokens_seen, self.skipped_steps, self.filtered_instances = 0, 0, 0, 0
@@ -314,20 +349,23 @@ class Trainer:
         self._log_start()
         callbacks.call("on_train_start", self)
         stopped = False
-        while self.step < train.max_steps and not stopped:
-            step = self.step + 1
-            callbacks.call("on_step_start", self, step)
-            result = self.train_step(step)
-            self.step, self.tokens_seen, stopped = step, self.tokens_seen + train.tokens_per_step, result.stop
-            callbacks.call("on_step_end", self, step, result)
-            last = step == train.max_steps
-            metrics = self.train_metrics(result) if step % train.log_interval == 0 or last or stopped else {}
-            if step % train.eval_interval == 0 or last:
-                metrics |= self.evaluate(step)
-            if metrics:
-                callbacks.call("on_log", self, step, metrics)
-            if stopped or step % train.save_interval == 0 or last:
-                self.save(step)
+        try:
+            while self.step < train.max_steps and not stopped:
+                step = self.step + 1
+                callbacks.call("on_step_start", self, step)
+                result = self.train_step(step)
+                self.step, self.tokens_seen, stopped = step, self.tokens_seen + train.tokens_per_step, result.stop
+                callbacks.call("on_step_end", self, step, result)
+                last = step == train.max_steps
+                metrics = self.train_metrics(result) if step % train.log_interval == 0 or last or stopped else {}
+                if step % train.eval_interval == 0 or last:
+                    metrics |= self.evaluate(step)
+                if metrics:
+                    callbacks.call("on_log", self, step, metrics)
+                if stopped or step % train.save_interval == 0 or last:
+                    self.save(step)
+        finally:
+            self.batches.close()  # the prefetching thread, when a step raises too
         callbacks.call("on_finish", self, stopped)
         # every rank reaches the end before the process group goes away (else exits race and some abort)
         self.accelerator.wait_for_everyone()
@@ -339,24 +377,20 @@ class Trainer:
         lr = learning_rate(step, peak=optim.lr, warmup_steps=optim.warmup_steps, max_steps=train.max_steps, alpha_f=optim.alpha_f)
         set_learning_rate(self.optimizer, lr)  # before backward: DeepSpeed steps inside the last one
 
-        batch = self.batches.next_batch()  # on the host: its documents are found there, without a device read
-        labels = batch[:, 1:].clone()
-        filtered = 0
-        if self.instance_filter is not None:  # OLMo's: a filtered row stays in the batch, out of the loss
-            dropped = torch.from_numpy(~self.instance_filter.keep(batch.numpy()))
-            labels[dropped] = -100
-            filtered = int(dropped.sum())
-        labels = labels.to(self.device)
+        batch = self.batches.next()  # prepared on the host (filter, documents) while the last step ran
+        filtered = batch.filtered
+        labels = batch.labels.to(self.device, non_blocking=True)  # pinned on CUDA: the copy does not wait
         global_targets = accelerator.reduce((labels != -100).sum(), reduction="sum").clamp_min(1)  # all filtered: no loss
         # accelerate divides each micro-batch loss by grad_accum and DDP/DeepSpeed average over ranks: undo both,
         # so the gradient is sum(token losses) / global_targets.
         scale = self.plan.grad_accum * self.plan.world_size / global_targets
         loss_sum = torch.zeros((), device=self.device)
-        for rows, micro_labels in zip(batch.split(train.micro_batch_size), labels.split(train.micro_batch_size), strict=True):
+        micro = train.micro_batch_size
+        for (inputs, documents), micro_labels in zip(batch.micro_batches(micro), labels.split(micro), strict=True):
             with accelerator.accumulate(self.model):
                 loss = self.model(
-                    rows[:, :-1].to(self.device), micro_labels, reduction="sum", loss_chunk_size=train.loss_chunk_size,
-                    **self.document_kwargs(rows[:, :-1]),
+                    inputs.to(self.device, non_blocking=True), micro_labels, reduction="sum", loss_chunk_size=train.loss_chunk_size,
+                    **self.document_kwargs(documents),
                 ).loss  # fmt: skip
                 accelerator.backward(loss * scale)
                 loss_sum += loss.detach()
@@ -383,14 +417,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, stop=stop_votes > 0)
 
-    def document_kwargs(self, inputs: torch.Tensor) -> dict:
-        """The forward's document arguments for input rows still on the host (`train.document_mask`,
-        `train.document_positions`); none when training attends across documents from global positions."""
+    def document_kwargs(self, inputs: torch.Tensor | Documents | None) -> dict:
+        """The forward's document arguments for input rows still on the host, or their documents found there already
+        (`train.document_mask`, `train.document_positions`); none when training attends across documents from global
+        positions."""
         train = self.config.train
-        if not train.uses_documents:
+        if not train.uses_documents or inputs is None:
             return {}
-        documents = Documents.of_tokens(inputs, self.plan.data.eos_id).to(self.device)
-        return {"doc_ids": documents, "document_mask": train.document_mask, "restart_positions": train.restart_positions}
+        documents = inputs if isinstance(inputs, Documents) else Documents.of_tokens(inputs, self.plan.data.eos_id)
+        return {"doc_ids": documents.to(self.device), "document_mask": train.document_mask, "restart_positions": train.restart_positions}
+
+    def _prepare_batch(self, rows: torch.Tensor) -> HostBatch:
+        """On the prefetching thread: a step's rows -> inputs, labels without the filtered rows, each micro-batch's
+        documents; pinned for asynchronous copies on CUDA."""
+        train = self.config.train
+        return prepare_batch(
+            rows, micro_batch_size=train.micro_batch_size, instance_filter=self.instance_filter,
+            eos_id=self.plan.data.eos_id if train.uses_documents else None, pin=self.device.type == "cuda",
+        )  # fmt: skip
 
     def stop_agreed(self) -> bool:
         """Whether any rank has been asked to stop (a collective: every rank must call it)."""
@@ -480,6 +524,8 @@ class Trainer:
             plan.world_size, plan.grad_accum, train.micro_batch_size, backend, self.device,
             "bf16" if plan.mixed_precision == "bf16" else "fp32", self.step, train.max_steps,
         )  # fmt: skip
+        model = self.accelerator.unwrap_model(self.model)
+        log.info("attention: %s; torch.compile %s", attention_kernels(model), "on" if plan.compile else "off")
 
 
 def perplexity(loss: float) -> float:

@@ -95,8 +95,10 @@ def test_fire_scalars_are_1_element_parameters_and_checkpoints_of_either_shape_l
     save_model(tmp_path / "step", model)
     saved = safetensors.torch.load_file(tmp_path / "step" / "model.safetensors")
     scalars = ("blocks.0.attn.pe.c", "blocks.0.attn.pe.length_multiplier")
-    assert [saved[name].shape for name in scalars] == [(), ()]  # the format FIRE checkpoints always had
+    assert [saved[name].shape for name in scalars] == [(1,), (1,)]  # as the parameters are (what from_pretrained checks)
     assert [saved[name].item() for name in scalars] == [0.25, 1.5]
+    older = {**saved, **{name: saved[name].reshape(()) for name in scalars}}  # how checkpoints of older code hold them
+    safetensors.torch.save_file(older, tmp_path / "step" / "model.safetensors")
 
     ids = torch.randint(0, 256, (2, 32))
     loaded = load_model(tmp_path / "step")  # the loader's shape check, then the module's own load
@@ -107,9 +109,7 @@ def test_fire_scalars_are_1_element_parameters_and_checkpoints_of_either_shape_l
     fresh = build_model("tiny", pe="fire", vocab_size=256, max_seq_len=32, n_layers=1)
     transfer_weights(fresh, tmp_path / "step")  # init_from: each layer's transfer_state
     assert fresh.position_encodings()[0].c.item() == 0.25
-    # (1,)-shaped tensors load too: DeepSpeed's gathered fp32 parameters, as model_for_export assigns them on meta
-    state = {**saved, **{name: saved[name].reshape(1) for name in scalars}}
-    with torch.device("meta"):
+    with torch.device("meta"):  # model_for_export assigns DeepSpeed's gathered parameters on meta
         export = Transformer(model.config)
-    export.load_state_dict(state, assign=True)
+    export.load_state_dict(older, assign=True)
     assert export.position_encodings()[0].c.shape == (1,) and export.position_encodings()[0].c.item() == 0.25

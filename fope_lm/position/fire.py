@@ -48,19 +48,10 @@ class FirePositionEncoding(PositionEncoding):
             self.length_multiplier.fill_(1.0)
             self.init_length.fill_(self.init_length_value)  # a meta-device build leaves it without a value
 
-    SCALARS = ("c", "length_multiplier")  # (1,) Parameters, 0-dim in checkpoints
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """c and L_multiplier as 0-dim tensors, the checkpoint format of every FIRE run (keep_vars: the Parameters
-        themselves; an empty ZeRO-3 partition as it is)."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not keep_vars:
-            for name in self.SCALARS:
-                if destination[prefix + name].numel() == 1:
-                    destination[prefix + name] = destination[prefix + name].reshape(())
+    SCALARS = ("c", "length_multiplier")  # (1,) Parameters (DeepSpeed flattens no 0-dim ones); 0-dim in older checkpoints
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Takes c and L_multiplier 0-dim (checkpoints) or (1,)-shaped (the Parameters themselves)."""
+        """Takes c and L_multiplier (1,)-shaped, or 0-dim as checkpoints of older code hold them."""
         for name in self.SCALARS:
             tensor = state_dict.get(prefix + name)
             if tensor is not None and tensor.dim() == 0:

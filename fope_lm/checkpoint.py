@@ -40,8 +40,31 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (/proc/self/status); elsewhere set and
+    restored at once, through the most private mask, so a file another thread creates meanwhile is never more open."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (0o644 under 022, 0o664 under 002)."""
+    return 0o666 & ~umask()
+
+
 def save_model(directory: str | Path, model: Transformer, metadata: dict | None = None) -> None:
-    """Weights as safetensors (tied weights stored once) and the model config as JSON."""
+    """Weights as safetensors (tied weights stored once) and the model config as JSON.
+
+    safetensors creates its file mode 600; the weights get the umask's mode like every other file of a checkpoint
+    (set before the rename: model.safetensors never has another), so teammates who can read the run can load them.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (WEIGHTS_FILE + ".tmp")
@@ -49,6 +72,7 @@ def save_model(directory: str | Path, model: Transformer, metadata: dict | None 
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, file_mode())
     os.replace(tmp, directory / WEIGHTS_FILE)
     payload = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), "git_sha": git_sha()}
     write_json_atomic(directory / CONFIG_FILE, {**payload, **(metadata or {})})
@@ -98,6 +122,8 @@ def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str
     if model.config.tie_embeddings:
         state = {**state, "lm_head.weight": state.get("lm_head.weight", state["embed.weight"])}
     expected = model.state_dict()
+    # scalars that checkpoints of older code hold 0-dim and the model now as (1,) (FIRE's: DeepSpeed flattens no 0-dim)
+    state = {k: v.reshape(1) if v.dim() == 0 and k in expected and expected[k].shape == (1,) else v for k, v in state.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [

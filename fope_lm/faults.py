@@ -10,6 +10,7 @@ FOPE_FAULT=<kind>:<step>[:<rank>] (every rank when no rank is given):
   nan_loss_at_step      make step N's loss NaN (on_nonfinite handling)
   hold_at_step          as step N starts, wait until a stop is requested (so a test can signal a run that is
                         certainly still running, and knows the step it stops at)
+  disk_full_during_save writing checkpoint N fails with ENOSPC after its weights (as a full disk would)
 FOPE_FAULT=prepare_kill_after_units:<n>: SIGKILL a data prepare (fope_lm.data.prepare) once n units are newly
   tokenized, so a test can resume it.
 FOPE_DEBUG_DIGESTS=1: every rank writes sha256 digests of its model tensors at the start and end of training
@@ -26,7 +27,7 @@ import torch
 
 KINDS = (
     "kill_after_step", "kill_during_save", "sigterm_at_step", "stop_file_at_step", "nan_loss_at_step", "hold_at_step",
-    "prepare_kill_after_units",
+    "disk_full_during_save", "prepare_kill_after_units",
 )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """A run directory: the one place that names every file of a run, and how its checkpoints come and go.
 
+    <run_dir>/.lock                        who runs in it: rank 0 holds it for the life of its process (`RunDir.lock`)
     <run_dir>/config.yaml                  the validated config (rank 0, at every start)
     <run_dir>/run_info.json                provenance: git SHA, packages, command, data dir, resume source
     <run_dir>/metrics.jsonl                one JSON record per logged step
@@ -18,15 +19,23 @@ does not load is moved aside to `step_NNNNNN.corrupt` (never deleted).
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fope_lm.checkpoint import CONFIG_FILE
 from fope_lm.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 STAGING_SUFFIX = ".tmp"
@@ -48,6 +57,10 @@ class RunDir:
         return str(self.path)
 
     # --- its files ----------------------------------------------------------------------------------------
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
     @property
     def config(self) -> Path:
         return self.path / "config.yaml"
@@ -104,6 +117,11 @@ class RunDir:
     def recorded_data_dir(self) -> str | None:
         """The data dir the trainer recorded in run_info.json, or None."""
         return json.loads(self.run_info.read_text()).get("data_dir") if self.run_info.is_file() else None
+
+    def lock(self) -> RunLock:
+        """Hold this run dir exclusively for the life of this process (rank 0 of a run; `RunLock`), creating it if
+        needed; a CheckpointError naming the holder when another process holds it."""
+        return RunLock.acquire(self)
 
     # --- its checkpoints ----------------------------------------------------------------------------------------
     def list_checkpoints(self) -> list[Path]:
@@ -219,3 +237,115 @@ def publish_checkpoint(staging: Path, final: Path) -> None:
         shutil.rmtree(final)
     os.replace(staging, final)
     _fsync(final.parent)
+
+
+# --- one run per run dir -----------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive lock on a run dir, held by rank 0 from its plan to its exit, so that a second launch into the same
+    dir (a double sbatch, a requeue while the old job still runs) is refused before it sets anything aside or writes.
+
+    `flock` on <run_dir>/.lock: the kernel releases it when the holder dies however it dies, so a dead holder's lock is
+    simply taken (and a warning names it). The file holds the holder (host, pid, SLURM job id) for the refusal's
+    message, and is never deleted (deleting a lock file races with a process about to lock it).
+    Shared filesystems (docs/training.md): NFSv4 (and v3 with lockd) lock across hosts. On a filesystem without
+    flock (Lustre mounted without `-o flock`), the lock file alone decides: a holder on this host whose pid is gone
+    is taken over; a holder on another host cannot be checked, and is refused with how to clear it.
+    """
+
+    def __init__(self, run_dir: RunDir, fd: int | None):
+        self.run_dir, self.fd = run_dir, fd
+
+    @classmethod
+    def acquire(cls, run_dir: RunDir) -> RunLock:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise CheckpointError(f"{run_dir} is in use by {_describe(holder)}: {_busy_fix(run_dir)}") from None
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            return cls._acquire_without_flock(run_dir, fd)
+        previous = _read_holder(fd)
+        if previous and previous.get("pid") != os.getpid():  # a clean exit empties the file: this holder died holding it
+            log.warning("%s: took over the lock of %s, which no longer holds it", run_dir, _describe(previous))
+        lock = cls(run_dir, fd)
+        lock._write_holder()
+        return lock
+
+    @classmethod
+    def _acquire_without_flock(cls, run_dir: RunDir, fd: int) -> RunLock:
+        holder = _read_holder(fd)
+        if holder and holder.get("pid") != os.getpid():
+            same_host = holder.get("host") == socket.gethostname()
+            if not same_host or _alive(int(holder.get("pid", 0))):
+                os.close(fd)
+                raise CheckpointError(
+                    f"{run_dir} is in use by {_describe(holder)} (this filesystem has no flock: the lock file decides): "
+                    f"{_busy_fix(run_dir)}; if that process is gone, delete {run_dir.lock_file}"
+                )
+            log.warning("%s: took over the lock file of %s, whose process is gone", run_dir, _describe(holder))
+        lock = cls(run_dir, fd)
+        lock._write_holder()
+        return lock
+
+    def _write_holder(self) -> None:
+        assert self.fd is not None
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500],
+        }
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.fsync(self.fd)
+
+    def release(self) -> None:
+        """A clean end: empty the file and let go (the holder's exit, or dropping this object, lets go too)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            self._close()
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self._close()
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {"host": "?", "pid": "?"}
+
+
+def _describe(holder: dict) -> str:
+    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    since = f", since {holder['started']}" if holder.get("started") else ""
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{job}{since}"
+
+
+def _busy_fix(run_dir: RunDir) -> str:
+    return f"wait for it to finish, stop it (touch {run_dir.stop_file}: it saves and exits), or choose another run_name"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

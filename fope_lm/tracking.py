@@ -60,11 +60,19 @@ def wandb_mode(configured: WandbMode | None) -> str:
 
 def wandb_run_id(id_file: Path, run_name: str, *, new: bool = False) -> str:
     """The run's wandb id: the one stored in `id_file`, so resumes and requeues log to the same run, else one derived
-    from the run name and the file's dir. `new` (a run that replaces an old one in the same dir) adds a random suffix.
-    """
+    from the run name and the file's dir. `new` (a run that replaces an old one in the same dir) adds a random suffix,
+    as does a copy of a run dir (the dir the id was stored for still holds it): both copies logging into one wandb
+    run would mix two trajectories. A moved run dir keeps its id."""
+    here = str(id_file.parent.resolve())
     if id_file.is_file() and not new:
-        return id_file.read_text().strip()
-    digest = hashlib.sha1(str(id_file.parent.resolve()).encode()).hexdigest()[:8]
+        stored_id, _, stored_dir = id_file.read_text().strip().partition("\n")
+        original = Path(stored_dir) / id_file.name if stored_dir else None
+        copied = stored_dir not in ("", here) and original is not None and original.is_file() and original.read_text().startswith(stored_id)
+        if not copied:
+            return stored_id
+        log.info("%s is a copy of %s: a new wandb run (the original keeps %s)", here, stored_dir, stored_id)
+        new = True
+    digest = hashlib.sha1(here.encode()).hexdigest()[:8]
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:48] + "-" + digest
     return run_id + "-" + secrets.token_hex(3) if new else run_id
 
@@ -78,7 +86,7 @@ def start_wandb(section: WandbConfig, *, directory: Path, id_file: Path, run_nam
     import wandb  # imported here: slow, and not needed with wandb disabled
 
     run_id = wandb_run_id(id_file, run_name, new=new_id)
-    id_file.write_text(run_id + "\n")
+    id_file.write_text(f"{run_id}\n{id_file.parent.resolve()}\n")
     kwargs: dict[str, Any] = dict(
         project=section.project,
         entity=section.entity,

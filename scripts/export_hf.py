@@ -6,7 +6,8 @@
     python scripts/export_hf.py runs/rope-60m-L512-s0 hf/rope-60m --format native   # a LlamaForCausalLM, no remote code
 
 Then: AutoModelForCausalLM.from_pretrained("hf/fope-60m", trust_remote_code=True) (remote code; a native export needs no
-trust_remote_code); no fope_lm needed to load either.
+trust_remote_code); no fope_lm needed to load either. out_dir is written whole or not at all, never into a checkpoint
+or a run dir, and over a non-empty directory only with --overwrite.
 """
 
 import argparse
@@ -19,14 +20,15 @@ from fope_lm.hf import export_hf
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint dir, or a run dir (its newest complete checkpoint)")
-    parser.add_argument("out_dir", help="the directory to write (created; existing files are overwritten)")
+    parser.add_argument("out_dir", help="the directory to write: new or empty (never a checkpoint or run dir, nor inside one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir (once the new export is complete)")
     parser.add_argument("--tokenizer", help="a tokenizer dir (default: the tokenizer of the data the checkpoint was trained on)")
     parser.add_argument("--format", default="auto", choices=["auto", "native", "remote"],
                         help="native: a LlamaForCausalLM dir, no Python files (rope; yarn / linear / dynamic NTK scaling); "
                         "remote: remote code, every PE; auto (default): native where exact, else remote")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        out_dir = export_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, format=args.format)
+        out_dir = export_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, format=args.format, overwrite=args.overwrite)
     except FopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

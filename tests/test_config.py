@@ -53,6 +53,7 @@ from helpers.training import TINY, compose_config, launch
         (["+train.eval_hooks.lengths._target_=nosuch.evaluate"], ConfigError, ["train.eval_hooks.lengths", "nosuch"]),
         (["train.deepspeed=zero3", "train.compile=true"], ConfigError, ["train.compile=true with DeepSpeed ZeRO-3", "ZeRO-1/2"]),
         (["train.attention=fast"], ConfigError, ["train.attention must be one of auto, flash, sdpa", "fast"]),
+        (["train.global_batch_size=40000", "train.micro_batch_size=40000"], ConfigError, ["is more than the", "training instances"]),
         (["train.attention=flash"], ConfigError, ["attention=flash but flash-attn is not installed", "--no-build-isolation"]),
     ],
 )

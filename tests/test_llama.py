@@ -37,10 +37,10 @@ def llama_config(**changes) -> LlamaConfig:
     return LlamaConfig(**(values | changes))
 
 
-def save_llama(directory: Path, config: LlamaConfig | None = None, dtype=torch.float32, safe: bool = True) -> LlamaForCausalLM:
+def save_llama(directory: Path, config: LlamaConfig | None = None, dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config or llama_config()).eval()
-    model.to(dtype).save_pretrained(directory, safe_serialization=safe)
+    model.to(dtype).save_pretrained(directory)  # safetensors: the only weights an import reads (tests/test_outputs.py)
     passkey_tokenizer().save_pretrained(directory)
     return model.float()
 
@@ -67,8 +67,8 @@ def test_import_gives_the_sources_logits(source, tmp_path):
     assert (out / "tokenizer" / "tokenizer.json").is_file() and json.loads((out / "source_config.json").read_text())[
         "model_type"
     ] == "llama"
-    # bf16 weights in the old .bin format import too (as float32 copies of the bf16 values)
-    save_llama(tmp_path / "bf16", dtype=torch.bfloat16, safe=False)
+    # bf16 weights import too (as float32 copies of the bf16 values)
+    save_llama(tmp_path / "bf16", dtype=torch.bfloat16)
     bf16 = LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()  # its rotary buffers in fp32, as ours
     assert max_logit_diff(bf16, load_model(import_llama(tmp_path / "bf16", tmp_path / "imported-bf16")).eval()) < 1e-4
 
@@ -143,7 +143,7 @@ def test_what_has_no_exact_equivalent_is_refused_in_one_line(source, tmp_path):
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((src / "config.json").read_text())
-    cases["no weights"] = (no_weights, "has no weights")
+    cases["no weights"] = (no_weights, "has no weights (*.safetensors)")
     for what, (directory, words) in cases.items():
         with pytest.raises(LlamaConversionError) as info:
             import_llama(directory, tmp_path / "out")

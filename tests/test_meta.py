@@ -16,6 +16,7 @@ from fope_lm.position import available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def meta_model(pe: str) -> Transformer:
     """The tiny model with grouped-query attention (the general case) built on the meta device."""
     with torch.device("meta"):

@@ -54,3 +54,21 @@ def test_wandb_is_offline_without_credentials(monkeypatch, tmp_path):
     assert wandb_mode(None) == "online" and wandb_mode(WandbMode.disabled) == "disabled"
     assert wandb_run_id(tmp_path / "wandb_id", "fope/60m") == wandb_run_id(tmp_path / "wandb_id", "fope/60m")  # every rank, every requeue
     assert wandb_run_id(tmp_path / "wandb_id", "fope/60m", new=True) != wandb_run_id(tmp_path / "wandb_id", "fope/60m")
+
+
+def test_a_copied_run_dir_gets_its_own_wandb_run_and_a_moved_one_keeps_it(tmp_path):
+    import shutil
+
+    original = tmp_path / "run"
+    original.mkdir()
+    run_id = wandb_run_id(original / "wandb_id", "fope")
+    (original / "wandb_id").write_text(f"{run_id}\n{original.resolve()}\n")  # what start_wandb stores
+    assert wandb_run_id(original / "wandb_id", "fope") == run_id  # resumed in place
+    shutil.copytree(original, tmp_path / "copy")
+    copied = wandb_run_id(tmp_path / "copy" / "wandb_id", "fope")
+    assert copied != run_id and copied.startswith("fope-")  # two trajectories, two wandb runs
+    shutil.move(original, tmp_path / "moved")
+    assert wandb_run_id(tmp_path / "moved" / "wandb_id", "fope") == run_id  # the same run, somewhere else
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "wandb_id").write_text("older-id\n")  # written by older code: no dir recorded, kept
+    assert wandb_run_id(tmp_path / "old" / "wandb_id", "fope") == "older-id"

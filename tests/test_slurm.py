@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from fope_lm.training.config import TrainConfig, build_model_config
 from fope_lm.training.metrics import read_metrics
 
 from conftest import REPO
+from helpers.training import wait_for
 
 SHELL_SCRIPTS = sorted(str(p) for p in (REPO / "slurm").iterdir() if p.suffix in (".sbatch", ".sh"))
 
@@ -131,17 +131,6 @@ def free_port_job_id() -> int:
             except OSError:
                 continue
     raise RuntimeError("no free port")
-
-
-def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600):
-    """Poll for a marker; fail early if the process died. The timeout only guards against hangs."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode} before {what}:\n{process.stdout.read()[-4000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from fope_lm.run_dir import RunDir
 from fope_lm.training.metrics import read_metrics
 from fope_lm.training.trainer import plan
 
-from helpers.training import TINY, assert_same_weights, compose_config, digests, launch, trajectory
+from helpers.training import TINY, assert_same_weights, compose_config, digests, launch, start, trajectory, wait_for
 
 COMPILE_STEPS = 24
 pytestmark = pytest.mark.slow  # every test here launches train.py
@@ -181,6 +181,65 @@ def test_resume_auto_sets_aside_checkpoints_that_do_not_load(reference, plan_wit
     assert (run_dir / "checkpoints/step_000012.corrupt").is_dir()  # kept for a post-mortem
 
 
+def test_resume_auto_sets_aside_checkpoints_whose_files_were_replaced(reference, plan_with, runs, caplog):
+    """Whole files that do not load: an optimizer.pt that unpickles only by running code, and weights overwritten by
+    another model's (export_hf into a checkpoint dir, before it refused): both set aside, the run continues from
+    the newest checkpoint that loads."""
+    import datetime
+
+    run_dir = runs / "replaced"
+    shutil.copytree(reference, run_dir)
+    torch.save({"state": {}, "saved": datetime.datetime(2026, 1, 1)}, run_dir / "checkpoints/step_000012/optimizer.pt")
+    safetensors.torch.save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, run_dir / "checkpoints/step_000008/model.safetensors")
+    chosen = plan_with("+pe=fope", "run_name=replaced", "resume=auto").resume_from
+    assert chosen == run_dir / "checkpoints/step_000004"
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [
+        "step_000004", "step_000008.corrupt", "step_000012.corrupt"
+    ]  # fmt: skip
+    assert "does not load with weights_only=True" in caplog.text and "do not fit the model its config describes" in caplog.text
+
+
+def test_a_second_launch_into_a_running_run_dir_is_refused(data_root, runs):
+    """A double sbatch, or a requeue while the old job still runs: the second launch stops in one line naming the
+    holder, and the first goes on undisturbed (one trajectory in metrics.jsonl, its checkpoints kept)."""
+    args = [*TINY, "+pe=rope", "run_name=busy", "train.max_steps=6", "train.save_interval=2"]
+    first = start(args, data_root=data_root, runs=runs, fault="hold_at_step:3")
+    metrics = runs / "busy" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and [r["step"] for r in read_metrics(metrics)][-1:] == [2], "step 2 in metrics.jsonl", first)
+    second = launch([*args, "resume=auto"], data_root=data_root, runs=runs, expect_rc=1)
+    assert "Traceback" not in second.output
+    assert second.stderr.strip().splitlines()[-1].startswith(f"error: {runs / 'busy'} is in use by pid {first.pid} on ")
+    (runs / "busy" / "STOP").touch()
+    output = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, output[-4000:]
+    assert [r["step"] for r in read_metrics(metrics) if "train/loss" in r] == [1, 2, 3]
+    assert [path.name for path in RunDir(runs / "busy").list_checkpoints()] == ["step_000002", "step_000003"]
+    launch([*args, "resume=auto"], data_root=data_root, runs=runs)  # the lock went with its holder
+    assert [r["step"] for r in read_metrics(metrics) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_full_disk_during_a_save_is_one_line_on_every_rank_and_resume_continues(data_root, runs):
+    args = [*TINY, "+pe=rope", "run_name=full", "train.max_steps=6", "train.save_interval=2"]
+    result = launch(args, data_root=data_root, runs=runs, fault="disk_full_during_save:4", expect_rc=1)
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.stderr.splitlines() if "No space left" in line]
+    assert line.startswith("error: cannot save step_000004: No space left on device") and "GiB free" in line
+    assert line.endswith(
+        f"newest intact checkpoint: {runs / 'full' / 'checkpoints' / 'step_000002'}; free space, then continue with resume=auto"
+    )
+    assert sorted(path.name for path in (runs / "full" / "checkpoints").iterdir()) == ["step_000002"]  # no step_000004.tmp
+
+    two = launch(
+        [*args, "resume=auto"], data_root=data_root, runs=runs, processes=2, fault="disk_full_during_save:4:1", expect_rc="nonzero"
+    )
+    lines = [line for line in two.output.splitlines() if "error: cannot save step_000004" in line]
+    assert sorted(line.split("]")[0] for line in lines) == ["[rank 0", "[rank 1"]  # the ranks agree, one line each
+    assert all("No space left on device" in line and "on rank 1" in line for line in lines)
+    assert sorted(path.name for path in (runs / "full" / "checkpoints").iterdir()) == ["step_000002"]
+    launch([*args, "resume=auto"], data_root=data_root, runs=runs)  # space is back: it continues from step 2
+    assert RunDir(runs / "full").latest_checkpoint().name == "step_000006"
+
+
 def test_nonfinite_loss_and_eval_hooks(data_root, runs):
     """stop: exit 1 with one line and no checkpoint of the bad step; skip: the step is dropped, training goes on."""
     args = [*TINY, "train.max_steps=4", "train.save_interval=1"]
@@ -195,6 +254,10 @@ def test_nonfinite_loss_and_eval_hooks(data_root, runs):
     assert records[-1]["train/loss"] < records[0]["train/loss"]  # measured drop 0.17 .. 0.20 over seeds 0-2
     assert all(torch.isfinite(t).all() for t in load_state_dict(runs / "nan-skip/checkpoints/step_000004").values())
     assert records[-1]["eval/probe/scaled_step"] == 40 and records[-1]["eval/probe/parameters"] > 2_000_000
+
+    one = [*TINY, "train.max_steps=1", "run_name=nan-all", "train.on_nonfinite=skip"]  # every step skipped: not a success
+    result = launch(one, data_root=data_root, runs=runs, fault="nan_loss_at_step:1", expect_rc=1)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: all 1 steps of this run had a non-finite loss or gradient")
 
 
 def test_init_from_carries_weights_into_new_pe_and_length(reference, data_root, runs):

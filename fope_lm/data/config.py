@@ -31,6 +31,13 @@ class Instances(Choice):
     stream = "stream"  # the split as one concatenated stream, windows every seq_len tokens (may cross files)
 
 
+class OnBadRecord(Choice):
+    """What prepare does with a document whose text is missing, null, not a string, or not valid UTF-8 / JSON."""
+
+    error = "error"  # a one-line DataError naming the file and line
+    skip = "skip"  # left out; the count is logged and recorded in metadata.json (splits.<split>.skipped_records)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from, how it is tokenized and where the prepared shards live (the values: the data group,
@@ -49,6 +56,7 @@ class DataConfig:
     validation_every: int = 10  # without a validation split, every n-th document is held out
     dtype: str | None = None  # source=npy: the files' token dtype, uint16 (the default) or uint32
     instances: Instances | None = None  # per_file | stream; None: per_file for source=npy (OLMo's), else stream
+    on_bad_record: OnBadRecord = OnBadRecord.error  # error | skip (see OnBadRecord)
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)  # frozen: the normalised values are set once, here
@@ -107,7 +115,10 @@ class DataConfig:
         `root`), as recorded in metadata.json: `TokenData.instances` reads the cut from there, and a config with
         another cut is refused like any other change (re-prepare, or use another name)."""
         values = dataclasses.asdict(self) | {"source": str(self.source), "instances": str(self.instances)}
+        values["on_bad_record"] = str(self.on_bad_record)
         del values["root"]
+        if self.on_bad_record == OnBadRecord.error:  # the default, absent from dirs prepared before the field existed
+            del values["on_bad_record"]
         if values["dtype"] is None:  # dirs prepared before the field existed have no such key
             del values["dtype"]
         if self.source != DataSource.npy:  # likewise; and they can only be read as one stream
@@ -150,6 +161,7 @@ def prepare_command(cfg: DataConfig, *, overwrite: bool = False) -> str:
         except ConfigError:  # a base that needs overrides to be valid at all (e.g. local's paths): compare as written
             if values.get("instances") is None:  # unset: its source's default
                 values["instances"] = default_instances(cfg.source)
+            values.setdefault("on_bad_record", OnBadRecord.error)
         overrides = [override for key in wanted for override in _overrides(key, values.get(key), wanted[key])]
         if best is None or len(overrides) < best[0]:
             best = (len(overrides), path.stem, overrides)

@@ -83,6 +83,14 @@ class TokenData:
     def num_tokens(self, split: str) -> int:
         return self._offsets[split][-1]
 
+    def train_instances(self, seq_len: int) -> int:
+        """The number of training samples at `seq_len` (`TrainBatches.num_samples`): rows of seq_len + 1 tokens of the
+        train stream, (N - 1) // seq_len, or with data.instances=per_file each file's size // seq_len, summed. A global
+        batch larger than this would repeat samples within one step."""
+        if self.instances == Instances.per_file:
+            return int(sum(np.diff(self._offsets["train"]) // seq_len))
+        return max(0, (self.num_tokens("train") - 1) // seq_len)
+
     def shard_offsets(self, split: str) -> list[int]:
         """The position of each shard's first token in the split's stream, then the split's length."""
         return list(self._offsets[split])
@@ -248,7 +256,7 @@ class TrainBatches:
             offsets = np.array(data.shard_offsets("train"))
             self._file_starts = offsets[:-1]  # each file's first token in the stream
             self._first_samples = np.cumsum([0, *(np.diff(offsets) // seq_len)])  # each file's first instance
-            self.num_samples = int(self._first_samples[-1])
+            self.num_samples = data.train_instances(seq_len)
             if self.num_samples == 0:
                 raise DataError(
                     f"seq_len={seq_len} is longer than every train file of {data.dir} (data.instances=per_file cuts "
@@ -261,7 +269,7 @@ class TrainBatches:
                     f"seq_len={seq_len} needs at least {seq_len + 1} train tokens, but {data.dir} has only "
                     f"{num_tokens}: use a shorter seq_len or prepare more data"
                 )
-            self.num_samples = (num_tokens - 1) // seq_len
+            self.num_samples = data.train_instances(seq_len)
         self.samples_consumed = 0  # global, over all ranks and epochs
         self._orders: dict[int, np.ndarray] = {}
 

@@ -1,9 +1,10 @@
 """The on-disk format of a prepared dataset, shared by the writer (`prepare`) and the reader (`TokenData`).
 
 A prepared dir holds flat token shards `<split>_00000.bin, ...` (raw uint16 or uint32 ids; the documents of a
-split joined with an EOS after each; for source=npy, absolute paths of token files used in place), the tokenizer that made them in `tokenizer/`, and `metadata.json`,
-which is written last: a dir with a metadata.json is complete. `verified/<hostname>.json` records the files a
-machine has re-hashed against metadata.json (written by the first reader there, or by prepare itself).
+split joined with an EOS after each; for source=npy, absolute paths of token files used in place), the tokenizer
+that made them in `tokenizer/`, and `metadata.json`, which is written last: a dir with a metadata.json is complete.
+`verified/<hostname>.json` records the files a machine has re-hashed against metadata.json (written by the first
+reader there, or by prepare itself).
 """
 
 import hashlib
@@ -75,9 +76,7 @@ def read_metadata(data_dir: Path) -> dict:
         raise DataError(f"no prepared data at {data_dir} (no such directory): run `{rebuild_command(data_dir)}`")
     path = data_dir / METADATA_FILE
     if not path.is_file():
-        raise DataError(
-            f"{data_dir} has no {METADATA_FILE} (empty, or not a prepared dataset): run `{rebuild_command(data_dir)}`"
-        )
+        raise DataError(f"{data_dir} has no {METADATA_FILE} (empty, or not a prepared dataset): run `{rebuild_command(data_dir)}`")
     try:
         metadata = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

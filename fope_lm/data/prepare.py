@@ -17,16 +17,18 @@ import math
 import multiprocessing
 import os
 import platform
-import secrets
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 import datasets
+import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import tokenizers
 import transformers
 from tqdm import tqdm
@@ -34,7 +36,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import fope_lm
 from fope_lm.data import embedded
-from fope_lm.data.config import DEFAULT_TOKENIZER, DataConfig, DataSource, prepare_command
+from fope_lm.data.config import DEFAULT_TOKENIZER, DataConfig, DataSource, OnBadRecord, prepare_command
 from fope_lm.data.dataset import TokenData
 from fope_lm.data.format import (
     FORMAT_VERSION,
@@ -50,8 +52,8 @@ from fope_lm.data.format import (
     write_json,
     write_metadata,
 )
+from fope_lm.errors import ConfigError, DataError, FopeError
 from fope_lm.faults import prepare_kill_after_units
-from fope_lm.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,10 @@ DEFAULT_SHARD_TOKENS = 2**30  # 2 GiB per uint16 shard
 ENCODE_BATCH = 1000  # documents per tokenizer call
 UNIT_DOCUMENTS = 20_000  # documents per resumable unit of an in-memory source (a streamed one: its own shards)
 _SCAN_TOKENS = 2**24  # tokens per chunk when hashing a token file in place (flat memory)
-_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".lz4"}  # `datasets` decompresses these on the fly
+_FILE_KINDS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".lz4": "lz4"}  # read decompressed (fsspec)
+_READER_VERSION = 1  # in the name of the files' Arrow copy in the work dir: bump it when _records changes what it yields
+_SHOW_SKIPPED = 5  # bad records logged one by one (data.on_bad_record=skip); the rest are only counted
 
 
 def prepare(
@@ -76,9 +80,10 @@ def prepare(
     An already prepared dir is returned as is unless `overwrite`. Text is tokenized unit by unit (a streamed
     source's shards, or `unit_documents` documents at a time) in `num_proc` processes into a work dir named by the
     config, so a killed prepare continues from its finished units; the shards are then assembled in unit order (the
-    same bytes for any num_proc) in a hidden sibling dir renamed into place at the end, so a killed prepare never
-    leaves a dir that looks complete. Concurrent prepares of one config (two ranks, say) take turns on a lock and
-    all end with the same complete dir.
+    same bytes for any num_proc) in staging/ inside that work dir, renamed into place at the end, so a killed prepare
+    never leaves a dir that looks complete, and the next prepare of the config clears what it left. Concurrent
+    prepares of one config (two ranks, say) take turns on a lock and all end with the same complete dir. When the
+    input is at fault (a one-line DataError or ConfigError), the work dir and the lock are removed.
     """
     cfg = DataConfig.from_cfg(data_cfg)
     out_dir = cfg.prepared_dir
@@ -88,17 +93,6 @@ def prepare(
         return out_dir
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None  # before any download: fail fast
-    if cfg.source == DataSource.npy:
-        assert tokenizer is not None  # DataConfig sets the default tokenizer for every source but embedded
-        build = functools.partial(_index_token_files, cfg=cfg, tokenizer=tokenizer)
-    else:
-        texts, source = _load_texts(cfg)
-        if tokenizer is None:
-            tokenizer = embedded.train_embedded_tokenizer(texts["train"][cfg.text_field])
-        build = functools.partial(
-            _write_dataset, cfg=cfg, texts=texts, tokenizer=tokenizer, source=source, num_proc=num_proc, shard_tokens=shard_tokens,
-            unit_documents=unit_documents,
-        )  # fmt: skip
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = _work_dir(cfg)
     lock_file = work.with_name(work.name + ".lock")
@@ -108,12 +102,14 @@ def prepare(
             logger.info(f"{out_dir} was prepared by another process meanwhile; using that copy")
             _remove_lock(lock, lock_file)
             return out_dir
-        staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # unique per process
-        staging.mkdir()
+        staging = work / "staging"  # what a killed prepare left here (up to a whole corpus of shards) is cleared now
+        for stale in (staging, work / "retired"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir(parents=True)
         try:
-            metadata = build(staging)
+            metadata = _build(staging, cfg, tokenizer, num_proc=num_proc, shard_tokens=shard_tokens, unit_documents=unit_documents)
             _publish(staging, out_dir, overwrite)
-        except DataError:  # the input is at fault: a rerun would fail the same way, so nothing is kept to resume
+        except FopeError:  # the input is at fault: a rerun would fail the same way, so nothing is kept to resume
             shutil.rmtree(work, ignore_errors=True)
             _remove_lock(lock, lock_file)
             raise
@@ -129,6 +125,17 @@ def prepare(
         f"validation {splits['validation']['num_tokens']:,} tokens, fingerprint {metadata['fingerprint'][:16]}"
     )
     return out_dir
+
+
+def _build(out_dir: Path, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None, **options) -> dict:
+    """Write the dataset of `cfg` into `out_dir` (the staging dir) and return its metadata."""
+    if cfg.source == DataSource.npy:
+        assert tokenizer is not None  # DataConfig sets the default tokenizer for every source but embedded
+        return _index_token_files(out_dir, cfg=cfg, tokenizer=tokenizer)
+    texts, source = _load_texts(cfg, _work_dir(cfg))
+    if tokenizer is None:
+        tokenizer = embedded.train_embedded_tokenizer(texts["train"][cfg.text_field])
+    return _write_dataset(out_dir, cfg=cfg, texts=texts, tokenizer=tokenizer, source=source, **options)
 
 
 def _remove_lock(lock, lock_file: Path) -> None:
@@ -149,10 +156,7 @@ def ensure_prepared(data_cfg: "Mapping | DataConfig") -> Path:
     data_dir = cfg.prepared_dir
     if not is_prepared(data_dir):
         if cfg.source != "embedded":
-            raise DataError(
-                f"data '{cfg.name}' is not prepared ({data_dir} has no {METADATA_FILE}): "
-                f"run `{prepare_command(cfg)}`"
-            )
+            raise DataError(f"data '{cfg.name}' is not prepared ({data_dir} has no {METADATA_FILE}): run `{prepare_command(cfg)}`")
         prepare(cfg)
     _check_prepared_with(data_dir, cfg)
     return data_dir
@@ -169,10 +173,17 @@ def _check_prepared_with(data_dir: Path, cfg: DataConfig) -> None:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """A Hugging Face tokenizer by hub id (a cached copy works offline) or local directory."""
+    """A Hugging Face tokenizer by hub id (a cached copy works offline) or local directory. A tokenizer's own Python
+    code (an `auto_map` in its tokenizer_config.json) is never run, and never asked about: transformers would prompt
+    "run the custom code? [y/N]" on stdin (a pipe that answers y included) without trust_remote_code=False."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:  # unreachable hub, unknown repo, a dir without tokenizer files
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as err:  # unreachable hub, unknown repo, a dir without tokenizer files, custom code
+        if "trust_remote_code" in str(err):
+            raise DataError(
+                f"tokenizer {name_or_path} needs its own Python code (an auto_map in its tokenizer_config.json), which "
+                "fope-lm never runs: use a tokenizer that loads without it (a tokenizer.json with a standard tokenizer_class)"
+            ) from None
         if Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", ".", "~")):
             raise DataError(
                 f"cannot load a tokenizer from {name_or_path} ({_first_line(err)}): pass a dir that holds a "
@@ -192,7 +203,7 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _load_texts(cfg: DataConfig) -> tuple[dict, dict]:
+def _load_texts(cfg: DataConfig, work: Path) -> tuple[dict, dict]:
     """The documents of each split (a `datasets` Dataset, or IterableDataset when streaming) and a description."""
     if cfg.source == "embedded":
         documents = embedded.embedded_documents()
@@ -208,7 +219,7 @@ def _load_texts(cfg: DataConfig) -> tuple[dict, dict]:
     if cfg.source == "hf":
         source = {"description": f"{cfg.hf_path} ({cfg.hf_name}) streamed from the Hugging Face Hub"}
         return {split: _stream_from_hub(cfg, split) for split in SPLITS}, source
-    texts = _load_files(cfg)
+    texts = _load_files(cfg, work)
     validation = "the validation files" if "validation" in cfg.paths else f"every {cfg.validation_every}th document"
     return texts, {"description": f"local files {cfg.paths}", "validation": validation}
 
@@ -234,14 +245,141 @@ def _stream_from_hub(cfg: DataConfig, split: str) -> datasets.IterableDataset:
         ) from None
 
 
-def _load_files(cfg: DataConfig) -> dict[str, datasets.Dataset]:
-    builder = _file_builder(cfg.paths)
-    options = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document, not one per line
+def _load_files(cfg: DataConfig, work: Path) -> dict[str, datasets.Dataset]:
+    """The documents of each split's files, checked record by record (`_file_records`), as an Arrow file in the work
+    dir, memory-mapped: written once, read again by a resumed prepare while the files are unchanged (the name holds
+    their paths, sizes and mtimes), removed with the work dir."""
+    kind, skip = _file_kind(cfg.paths), cfg.on_bad_record == OnBadRecord.skip
+    loaded = {}
+    for split, files in _match_files(cfg.paths).items():
+        stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+        key = hashlib.sha256(json.dumps([_READER_VERSION, kind, cfg.text_field, skip, stats]).encode()).hexdigest()[:16]
+        path = work / f"documents_{split}_{key}.arrow"
+        if not path.is_file():
+            _write_documents(path, cfg.text_field, _file_records(files, kind, cfg.text_field, skip))
+        loaded[split] = datasets.Dataset.from_file(str(path))
+    return loaded if "validation" in loaded else _hold_out(loaded["train"], cfg.validation_every)
+
+
+def _write_documents(path: Path, text_field: str, texts: Iterator[str | None]) -> None:
+    """An Arrow stream file (what `datasets` memory-maps) of one string column, written beside `path` and renamed."""
+    schema = pa.schema([(text_field, pa.string())])
+    partial = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        while batch := list(itertools.islice(texts, ENCODE_BATCH)):
+            writer.write_table(pa.table({text_field: batch}, schema=schema))
+    os.replace(partial, path)
+
+
+def _file_records(files: list[str], kind: str, text_field: str, skip: bool) -> Iterator[str | None]:
+    """The text of every document of the files, in order. A record without a string text (the field missing or null,
+    a number, bytes that are not UTF-8, a line that is not JSON) is a one-line DataError naming its file and line;
+    with `skip` (data.on_bad_record=skip) its text is None, which the tokenizer counts and leaves out."""
+    shown = records = 0
+    for path in files:
+        for location, text, problem in _records(path, kind, text_field):
+            records += 1
+            if problem is None:
+                yield text
+                continue
+            if not skip:
+                raise DataError(f"{location}: {problem} (data.on_bad_record=skip leaves such records out)")
+            if shown < _SHOW_SKIPPED:
+                shown += 1
+                more = "" if shown < _SHOW_SKIPPED else "; not showing more"
+                logger.warning("%s: %s; skipped (data.on_bad_record=skip)%s", location, problem, more)
+            yield None
+    if not records:
+        raise DataError(f"the files {', '.join(files)} hold no documents: check data.paths")
+
+
+def _records(path: str, kind: str, text_field: str):
+    """(location, text, problem) for each record of one file: problem is None, or says what is wrong and the fix."""
+    if kind == "parquet":
+        table = pq.ParquetFile(path)
+        if text_field not in table.schema_arrow.names:
+            raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}): set data.text_field")
+        row = 0
+        for batch in table.iter_batches(columns=[text_field]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield f"{path} row {row}", value, _text_problem({text_field: value}, text_field, "row")
+        return
+    with _open_file(path) as file:
+        if kind == "text":  # the whole file is one document
+            data = file.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                lines_before = data.count(b"\n", 0, err.start)
+                yield f"{path} line {lines_before + 1} (byte {err.start})", None, _utf8_problem(err)
+                return
+            yield path, text.replace("\r\n", "\n").replace("\r", "\n"), None  # universal newlines, as open() reads text
+            return
+        offset, first = 0, True
+        for number, line in enumerate(file, 1):
+            location, offset = f"{path} line {number}", offset + len(line)
+            if not line.strip():
+                continue
+            if first and line.lstrip().startswith(b"["):  # a .json file holding one array of records
+                yield from _array_records(path, line + file.read(), text_field)
+                return
+            first = False
+            try:
+                record = json.loads(line.rstrip(b"\r\n"))
+            except UnicodeDecodeError as err:
+                yield f"{location} (byte {offset - len(line) + err.start})", None, _utf8_problem(err)
+                continue
+            except json.JSONDecodeError as err:
+                yield location, None, f"not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno}): fix the line"
+                continue
+            yield location, record.get(text_field) if isinstance(record, dict) else None, _text_problem(record, text_field, "line")
+
+
+def _utf8_problem(err: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 ({err.reason}): re-encode the file as UTF-8"
+
+
+def _array_records(path: str, data: bytes, text_field: str):
     try:
-        loaded = datasets.load_dataset(builder, data_files=_match_files(cfg.paths), **options)
-    except StopIteration:  # how `datasets` reports json files without a single line
-        raise DataError(f"the files of data.paths={cfg.paths} hold no documents") from None
-    return dict(loaded) if "validation" in loaded else _hold_out(loaded["train"], cfg.validation_every)
+        records = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is neither JSON lines nor one JSON array of records ({_first_line(err)}): fix the file") from None
+    for number, record in enumerate(records, 1):
+        yield (
+            f"{path} record {number}",
+            record.get(text_field) if isinstance(record, dict) else None,
+            _text_problem(record, text_field, "record"),
+        )
+
+
+def _text_problem(record, text_field: str, unit: str) -> str | None:
+    """What is wrong with a record's text (a JSON object or a parquet row), and the fix; None if it is a string."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {_json_type(record)}: fix the {unit}"
+    if text_field not in record:
+        strings = [key for key, value in record.items() if isinstance(value, str)]
+        other = f"data.text_field={strings[0]}" if strings else "data.text_field"
+        return f'no "{text_field}" field (keys: {", ".join(record)}); set {other} or fix the {unit}'
+    if not isinstance(record[text_field], str):
+        return f'"{text_field}" is {_json_type(record[text_field])}, not a string: fix the {unit}'
+    return None
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    name = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return f"{name} ({json.dumps(value)[:40]})" if isinstance(value, bool | int | float) else name
+
+
+def _open_file(path: str) -> BinaryIO:
+    """A local file in binary mode, decompressed on the fly when its name ends with a compression suffix."""
+    compression = _COMPRESSIONS.get(Path(path).suffix.lower())
+    if compression is not None and compression not in fsspec.compression.compr:
+        package = {"zstd": "zstandard"}.get(compression, compression)
+        raise DataError(f"reading {path} needs the {package} package: pip install {package}")
+    return fsspec.open(path, "rb", compression=compression).open()
 
 
 def _match_files(paths: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -256,15 +394,15 @@ def _match_files(paths: dict[str, list[str]]) -> dict[str, list[str]]:
     return matched
 
 
-def _file_builder(paths: dict[str, list[str]]) -> str:
-    """The `datasets` builder for the files' extension; one source is all txt, all json(l) or all parquet."""
-    builders: set[str | None] = set()
+def _file_kind(paths: dict[str, list[str]]) -> str:
+    """text, json or parquet, by the files' extension: one source is all txt, all json(l) or all parquet."""
+    kinds: set[str | None] = set()
     for path in itertools.chain.from_iterable(paths.values()):
         suffixes = [suffix.lower() for suffix in Path(path).suffixes if suffix.lower() not in _COMPRESSIONS]
-        builders.add(_FILE_BUILDERS.get(suffixes[-1] if suffixes else ""))
-    if len(builders) != 1 or None in builders:
+        kinds.add(_FILE_KINDS.get(suffixes[-1] if suffixes else ""))
+    if len(kinds) != 1 or None in kinds:
         raise ConfigError(f"data.paths must be all .txt, all .jsonl/.json or all .parquet files, got {paths}")
-    return str(builders.pop())
+    return str(kinds.pop())
 
 
 def _save_tokenizer(out_dir: Path, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
@@ -283,9 +421,13 @@ def _write_dataset(out_dir, *, cfg, texts, tokenizer, source, num_proc, shard_to
     work = _work_dir(cfg)
     splits = {}
     for split in SPLITS:
-        units = _Units(texts[split], cfg.text_field, unit_documents)
+        skip_bad = cfg.on_bad_record == OnBadRecord.skip
+        units = _Units(texts[split], cfg.text_field, unit_documents, skip_bad=skip_bad, name=f"{split} split of {cfg.name}")
         pieces = _encode_units(work / split, units, tokenizer, token_dtype(vocab_size), max_tokens[split], num_proc)
         splits[split] = _assemble(out_dir, split, pieces, token_dtype(vocab_size), max_tokens[split], shard_tokens, tokenizer.eos_token_id)
+        if skip_bad:  # recorded in metadata.json: how many of the documents read were left out
+            splits[split]["skipped_records"] = skipped = sum(piece.get("skipped", 0) for piece in pieces)
+            logger.warning("%s split: left out %d records without a string %r (data.on_bad_record=skip)", split, skipped, cfg.text_field)
     return _write_metadata(out_dir, cfg, source, tokenizer, tokenizer_file, token_dtype(vocab_size), splits)
 
 
@@ -362,7 +504,12 @@ def _index_split(paths: list[str], dtype: np.dtype, tokenizer: PreTrainedTokeniz
         max_token_id = max(max_token_id, file_max)
         shards.append({"file": str(path), "num_tokens": int(tokens.size), "sha256": digest.hexdigest()})
         del tokens  # unmap
-    return {"num_tokens": sum(s["num_tokens"] for s in shards), "num_documents": num_documents, "max_token_id": max_token_id, "shards": shards}
+    return {
+        "num_tokens": sum(s["num_tokens"] for s in shards),
+        "num_documents": num_documents,
+        "max_token_id": max_token_id,
+        "shards": shards,
+    }
 
 
 def _work_dir(cfg: DataConfig) -> Path:
@@ -377,11 +524,12 @@ class _Units:
     dataset's own shards (its files), or runs of `unit_documents` documents of an in-memory one. The units and
     their order depend on the source alone, never on the number of workers."""
 
-    def __init__(self, texts, text_field: str, unit_documents: int):
+    def __init__(self, texts, text_field: str, unit_documents: int, *, skip_bad: bool = False, name: str = "documents"):
         columns = texts.column_names  # None for some streamed datasets
         if columns is not None and text_field not in columns:
             raise DataError(f"the documents have no column {text_field!r} (columns: {', '.join(columns)}): set text_field")
         self.texts, self.text_field, self.unit_documents = texts, text_field, unit_documents
+        self.skip_bad, self.name = skip_bad, name  # data.on_bad_record=skip; what error messages call the documents
         self.streamed = isinstance(texts, datasets.IterableDataset)
         self.count = texts.num_shards if self.streamed else max(1, math.ceil(len(texts) / unit_documents))
 
@@ -407,10 +555,17 @@ def _encode_unit(work: Path, index: int) -> dict:
     eos_id, vocab_size = tokenizer.eos_token_id, len(tokenizer)
     piece = work / f"unit_{index:05d}.bin"
     partial = piece.with_suffix(f".bin.{os.getpid()}.tmp")
-    num_tokens = max_token_id = 0
+    num_tokens = max_token_id = seen = skipped = 0
     with open(partial, "wb") as file:
         for texts in units.documents(index):
-            documents = [text for text in texts if text]  # an empty document would only add a lone EOS
+            bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]  # local files: only with skip_bad
+            if bad and not units.skip_bad:
+                raise DataError(
+                    f"record {seen + bad[0] + 1} of unit {index} of the {units.name}: {units.text_field!r} is "
+                    f"{_json_type(texts[bad[0]])}, not a string: set data.text_field, or data.on_bad_record=skip to leave such records out"
+                )
+            seen, skipped = seen + len(texts), skipped + len(bad)
+            documents = [text for text in texts if isinstance(text, str) and text]  # an empty one would only add a lone EOS
             if not documents:
                 continue
             encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
@@ -423,7 +578,7 @@ def _encode_unit(work: Path, index: int) -> dict:
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, piece)
-    info = {"file": piece.name, "num_tokens": num_tokens}
+    info = {"file": piece.name, "num_tokens": num_tokens, "skipped": skipped}
     write_json(piece.with_suffix(".json"), info)
     return info
 
@@ -531,7 +686,7 @@ class _ShardWriter:
     def _start_shard(self) -> None:
         self._finish_shard()
         self._name = shard_file(self.split, len(self.shards))
-        self._file = open(self.out_dir / self._name, "wb")
+        self._file = open(self.out_dir / self._name, "wb")  # noqa: SIM115  # open across write() calls; closed by _finish_shard
         self._digest = hashlib.sha256()
         self._room = self.shard_tokens
 
@@ -549,7 +704,7 @@ class _ShardWriter:
 def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
     """Move a finished dataset into place with one rename: a dir with metadata.json is always complete."""
     if overwrite and out_dir.exists():
-        retired = staging.with_name(staging.name.replace(".tmp-", ".old-"))
+        retired = staging.with_name("retired")  # in the work dir too: a prepare killed here leaves nothing outside it
         os.rename(out_dir, retired)
         os.rename(staging, out_dir)
         shutil.rmtree(retired)
@@ -558,8 +713,6 @@ def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
         os.rename(staging, out_dir)  # fails if out_dir exists and is not empty
     except OSError:
         if not is_prepared(out_dir):
-            raise DataError(
-                f"{out_dir} exists but is not a prepared dataset (no {METADATA_FILE}): remove it or pass --overwrite"
-            ) from None
+            raise DataError(f"{out_dir} exists but is not a prepared dataset (no {METADATA_FILE}): remove it or pass --overwrite") from None
         # Another process (e.g. a second rank) published first; preparing is deterministic, so its data equals ours.
         logger.info(f"{out_dir} was prepared by another process meanwhile; using that copy")

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure  # no pyplot: no global figure state or GUI
 from matplotlib.ticker import NullLocator
 
 from fope_lm.checkpoint import write_json_atomic
+from fope_lm.errors import FopeError
 from fope_lm.paths import PACKAGE_ROOT
 from fope_lm.tracking import WandbConfig, start_wandb
 
@@ -148,6 +149,34 @@ def plot_perplexity(runs: list[dict], path: str | Path, *, title: str = "Perplex
 def validate_results(results: dict) -> None:
     """Raise jsonschema.ValidationError unless `results` matches fope_lm/schemas/results.schema.json."""
     jsonschema.validate(results, json.loads(RESULTS_SCHEMA.read_text()))
+
+
+class ResultsError(FopeError):
+    """A results.json that is missing, not JSON (torn, hand-edited) or not what the schema describes."""
+
+
+def load_valid_results(path: str | Path) -> dict:
+    """`load_results`, checked: a ResultsError of one line naming the file and what is wrong with it (the JSON error's
+    line and column, or the schema's path and message) instead of a traceback further on."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    again = "evaluate the checkpoint again with eval.py"
+    if not file.is_file():
+        what = f"{path} holds no results.json" if path.is_dir() else f"{path} does not exist"
+        raise ResultsError(f"{what}: pass results.json files or the eval output dirs that hold them")
+    try:
+        results = json.loads(file.read_text())
+    except UnicodeDecodeError as exc:
+        raise ResultsError(f"{file} is not text ({exc.reason} at byte {exc.start}): {again}") from None
+    except json.JSONDecodeError as exc:  # its message names the line and column
+        raise ResultsError(f"{file} is not valid JSON ({exc}), a torn or edited file: {again}") from None
+    try:
+        validate_results(results)
+    except jsonschema.ValidationError as exc:
+        message = " ".join(exc.message.split())
+        message = message if len(message) <= 200 else message[:197] + "..."
+        raise ResultsError(f"{file} does not match fope_lm/schemas/{RESULTS_SCHEMA.name} at {exc.json_path}: {message}; {again}") from None
+    return results
 
 
 def write_results(results: dict, output_dir: str | Path) -> dict[str, Path]:

@@ -21,14 +21,15 @@ import pkgutil
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from fope_lm.checkpoint import load_model
 from fope_lm.data.format import TOKENIZER_DIR
 from fope_lm.errors import FopeError
 from fope_lm.hf.configuration_fope import FopeConfig
-from fope_lm.hf.llama import export_llama, generation_config_for, native_rope_parameters
+from fope_lm.hf.llama import export_llama, generation_config_for, load_tokenizer, native_rope_parameters, refuse_remote_code
 from fope_lm.hf.modeling_fope import FopeForCausalLM
+from fope_lm.hf.outputs import check_output_dir, staged_output
+from fope_lm.nn.model import Transformer
 from fope_lm.position import llama_native_summary
 from fope_lm.provenance import git_sha
 from fope_lm.run_dir import recorded_data_dir, resolve_checkpoint
@@ -45,22 +46,28 @@ class ExportError(FopeError):
 FORMATS = ("auto", "native", "remote")
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None, format: str = "auto") -> Path:
+def export_hf(
+    checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None, format: str = "auto", overwrite: bool = False
+) -> Path:
     """Write the export of `checkpoint` (a checkpoint dir, or a run dir: its newest checkpoint) into `out_dir`.
 
-    tokenizer: a dir AutoTokenizer loads; default the tokenizer of the data the checkpoint was trained on (or an
-    imported checkpoint's own tokenizer/).
+    tokenizer: a dir AutoTokenizer loads (never with its own code); default the tokenizer of the data the checkpoint
+    was trained on (or an imported checkpoint's own tokenizer/).
     format: native (a LlamaForCausalLM directory, no Python files: `position.llama_native_summary()`),
     remote (remote code: every PE), auto (native when an exact equivalent exists, else remote).
+    overwrite: replace a non-empty `out_dir`. `out_dir` is never a checkpoint or a run's (fope_lm.hf.outputs), and is
+    written whole or not at all.
     """
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
     checkpoint = resolve_checkpoint(checkpoint)
+    check_output_dir(out_dir, overwrite=overwrite, sources=[checkpoint])  # before anything is loaded
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else recorded_tokenizer_dir(checkpoint)
     if tokenizer_dir is None:
         raise ExportError(f"{checkpoint} records no training data (no data_dir in its metadata or run_info.json): pass --tokenizer DIR")
+    refuse_remote_code(tokenizer_dir, "tokenizer", "pass --tokenizer DIR with a standard tokenizer (tokenizer.json)", ExportError)
     try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tok = load_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load a tokenizer from {tokenizer_dir}: {str(exc).splitlines()[0]}") from None
     model = load_model(checkpoint)
@@ -72,9 +79,16 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
             f"{checkpoint} uses pe {model.config.pe!r} {model.config.pe_options or ''}, which transformers has no native equivalent of "
             f"(native: {llama_native_summary()}): export it with --format remote (or auto)"
         )
-    if native and format != "remote":
-        return export_llama(model, Path(out_dir), tok)
+    with staged_output(out_dir, overwrite=overwrite, sources=[checkpoint, tokenizer_dir]) as staging:  # a data dir too
+        if native and format != "remote":
+            export_llama(model, staging, tok)
+        else:
+            write_remote(model, staging, tok)
+    return Path(out_dir)
 
+
+def write_remote(model: Transformer, out_dir: Path, tok) -> None:
+    """The remote-code export of `model` (every PE) into the fresh directory `out_dir`."""
     config = FopeConfig(  # type: ignore[call-arg]  # PreTrainedConfig takes any keyword
         **model.config.to_dict(),
         auto_map={"AutoConfig": "configuration_fope.FopeConfig", "AutoModelForCausalLM": "modeling_fope.FopeForCausalLM"},
@@ -83,13 +97,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
         hf_model = FopeForCausalLM(config)
     hf_model.model = model  # the loaded Transformer, weights and all
     hf_model.generation_config = generation_config_for(model.config, tok)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     write_code(out_dir)
-    return out_dir
 
 
 def recorded_tokenizer_dir(checkpoint: Path) -> Path | None:

@@ -25,12 +25,15 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 from fope_lm.checkpoint import SOURCE_CONFIG, save_model
 from fope_lm.data.format import TOKENIZER_DIR
 from fope_lm.errors import ConfigError, FopeError
+from fope_lm.hf.outputs import check_output_dir, staged_output
 from fope_lm.nn.model import ModelConfig, Transformer
 from fope_lm.position import EncodingSpec
 
 log = logging.getLogger(__name__)
+IMPORT_EXAMPLE = "runs/NAME"  # where an import's output dir goes, in error messages
 
 CONFIG_FILE_HF = "config.json"
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # torch.save / pickle files, never loaded
 
 
 class LlamaConversionError(FopeError):
@@ -48,9 +51,46 @@ def read_llama_config(source: Path) -> LlamaConfig:
     if raw.get("model_type") != "llama" or "LlamaForCausalLM" not in raw.get("architectures", ["LlamaForCausalLM"]):
         kind = raw.get("model_type") or raw.get("architectures")
         raise LlamaConversionError(f"{source} holds a {kind!r} model: only LlamaForCausalLM (model_type llama) imports exactly")
-    if not any(source.glob("*.safetensors")) and not any(source.glob("*.bin")):
-        raise LlamaConversionError(f"{source} has no weights (*.safetensors or *.bin)")
-    return LlamaConfig.from_pretrained(str(source))
+    if not any(source.glob("*.safetensors")):
+        if pickles := sorted(path.name for pattern in PICKLE_WEIGHTS for path in source.glob(pattern)):
+            raise LlamaConversionError(
+                f"{source} has only pickle weights ({', '.join(pickles[:3])}): only safetensors weights are loaded, since "
+                "unpickling a file can run any code; convert them where you trust the file: "
+                f"LlamaForCausalLM.from_pretrained({str(source)!r}).save_pretrained({str(source)!r}, safe_serialization=True)"
+            )
+        raise LlamaConversionError(f"{source} has no weights (*.safetensors)")
+    return LlamaConfig.from_pretrained(str(source), trust_remote_code=False)
+
+
+def remote_code(directory: Path) -> list[str]:
+    """The classes a tokenizer dir asks transformers to import from its own .py files (`auto_map` in
+    tokenizer_config.json, or an AutoTokenizer entry of config.json's): code that would run at load."""
+    found: list[str] = []
+    for name, key in (("tokenizer_config.json", None), (CONFIG_FILE_HF, "AutoTokenizer")):
+        path = directory / name
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map") if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: transformers' own error (remote code stays off) says what is wrong
+        if not isinstance(auto_map, dict):
+            continue
+        entries = auto_map.items() if key is None else [(key, auto_map[key])] if key in auto_map else []
+        for _, value in entries:
+            values = value if isinstance(value, list) else [value]
+            found += [f"{name} auto_map -> {entry}" for entry in values if isinstance(entry, str)]
+    return found
+
+
+def refuse_remote_code(directory: Path, what: str, fix: str, error: type[FopeError] | None = None) -> None:
+    """A one-line error (LlamaConversionError by default) when `directory`'s tokenizer would run the directory's own code."""
+    if found := remote_code(directory):
+        message = f"{what} {directory} asks to run its own code ({'; '.join(found)}), which fope_lm never does: {fix}"
+        raise (error or LlamaConversionError)(message)
+
+
+def load_tokenizer(directory: Path):
+    """AutoTokenizer of a local dir, remote code off (`trust_remote_code=False`: never a prompt, never its .py)."""
+    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
 
 
 def model_config_from_llama(llama: LlamaConfig, *, max_seq_len: int | None = None) -> ModelConfig:
@@ -97,13 +137,22 @@ def _custom_head_dim(llama: LlamaConfig) -> bool:
 
 
 def import_llama(source: str | Path, out_dir: str | Path, *, pe: str | None = None, pe_options: dict | None = None,
-                 max_seq_len: int | None = None, seed: int = 0) -> Path:  # fmt: skip
+                 max_seq_len: int | None = None, seed: int = 0, overwrite: bool = False) -> Path:  # fmt: skip
     """Convert a local LlamaForCausalLM directory into a checkpoint dir (model.safetensors, model_config.json, the
     source's config.json as source_config.json, tokenizer/). Without `pe` the model is RoPE with the source's base
     and scaling, and its logits equal the source's; with `pe` the rotary part is that encoding (its own state freshly
-    initialised: FoPE's coefficients identity + noise, clipped at 2 pi / max_seq_len), everything else carried."""
+    initialised: FoPE's coefficients identity + noise, clipped at 2 pi / max_seq_len), everything else carried.
+
+    Only safetensors weights are read and none of the source's code runs (a tokenizer that asks for its own code is
+    refused). `out_dir` follows fope_lm.hf.outputs: never a checkpoint or run, replaced only with `overwrite`, written
+    whole or not at all."""
     source, out_dir = Path(source), Path(out_dir)
+    check_output_dir(out_dir, overwrite=overwrite, sources=[source], example=IMPORT_EXAMPLE)
     llama_config = read_llama_config(source)
+    refuse_remote_code(
+        source, "the tokenizer of", 'read that code, then import a copy of the dir without "auto_map" in its tokenizer_config.json '
+        "(a standard tokenizer.json loads without it) or without its tokenizer files"
+    )  # fmt: skip
     config = model_config_from_llama(llama_config, max_seq_len=max_seq_len)
     if pe is not None:
         carried = config.pe_options if EncodingSpec.of(pe).is_rotary else {}  # the source's scaling carries over
@@ -112,24 +161,37 @@ def import_llama(source: str | Path, out_dir: str | Path, *, pe: str | None = No
     with torch.device("meta"):
         Transformer(config)  # options checked before the weights are read
     try:
-        llama = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        llama = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise LlamaConversionError(f"cannot load the weights of {source}: {str(exc).splitlines()[0]}") from None
+        raise LlamaConversionError(f"cannot load the weights of {source}: {_first_line(exc)}") from None
     model = Transformer(config)  # PE state (FoPE's coefficients) initialised here, from `seed`
     model.load_state_dict(state_from_llama(llama.state_dict(), model), strict=True)
     config_json = (source / CONFIG_FILE_HF).read_bytes()
-    save_model(out_dir, model, metadata={
-        "imported_from": str(source.resolve()),
-        "source_config_sha256": hashlib.sha256(config_json).hexdigest(),
-        "train_seq_len": config.max_seq_len,
-    })  # fmt: skip
-    (out_dir / SOURCE_CONFIG).write_bytes(config_json)
     try:
-        AutoTokenizer.from_pretrained(str(source)).save_pretrained(out_dir / TOKENIZER_DIR)
+        tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as exc:  # weights without a tokenizer import too
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("%s has no loadable tokenizer (%s): prepare data with the tokenizer the model was trained with", source, first_line)
+        if "trust_remote_code" in str(exc):  # custom code that remote_code() did not spot: refused, never run
+            raise LlamaConversionError(
+                f"the tokenizer of {source} asks to run its own code, which fope_lm never does: {_first_line(exc)}"
+            ) from None
+        tokenizer = None
+        reason = _first_line(exc)
+        log.warning("%s has no loadable tokenizer (%s): prepare data with the tokenizer the model was trained with", source, reason)
+    with staged_output(out_dir, overwrite=overwrite, sources=[source], example=IMPORT_EXAMPLE) as staging:
+        save_model(staging, model, metadata={
+            "imported_from": str(source.resolve()),
+            "source_config_sha256": hashlib.sha256(config_json).hexdigest(),
+            "train_seq_len": config.max_seq_len,
+        })  # fmt: skip
+        (staging / SOURCE_CONFIG).write_bytes(config_json)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging / TOKENIZER_DIR)
     return out_dir
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def state_from_llama(llama_state: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
@@ -225,16 +287,14 @@ def generation_config_for(config: ModelConfig, tokenizer) -> GenerationConfig:
 
 
 def export_llama(model: Transformer, out_dir: Path, tokenizer) -> Path:
-    """Write `model` as a native LlamaForCausalLM directory (no Python files) with `tokenizer`."""
+    """Write `model` as a native LlamaForCausalLM directory (no Python files) with `tokenizer` into `out_dir`, a fresh
+    directory (export_hf stages it: fope_lm.hf.outputs)."""
     with torch.device("meta"):
         llama = LlamaForCausalLM(llama_config_of(model.config))
     llama.load_state_dict(state_to_llama(model), strict=True, assign=True)
     if model.config.tie_embeddings:
         llama.tie_weights()
     llama.generation_config = generation_config_for(model.config, tokenizer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("configuration_fope.py", "modeling_fope.py", "fope_core.py"):  # a former remote-code export there
-        (out_dir / stale).unlink(missing_ok=True)
     llama.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

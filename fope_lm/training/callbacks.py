@@ -14,6 +14,7 @@ order; each hook is optional.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -237,6 +238,8 @@ class FaultInjection(Callback):
     def on_save(self, trainer, step, staging):
         if self._fires("kill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._fires("disk_full_during_save", step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staging / "optimizer.pt"))
 
     def on_finish(self, trainer, stopped):
         self._write_digests(trainer, "end")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +23,11 @@ from typing import cast
 import numpy as np
 import safetensors
 import torch
+from accelerate.utils import gather_object
 
 from fope_lm.checkpoint import WEIGHTS_FILE, read_model_config, save_model, write_json_atomic
 from fope_lm.errors import CheckpointError, FopeError
-from fope_lm.nn.model import ModelConfig
+from fope_lm.nn.model import ModelConfig, Transformer
 from fope_lm.run_dir import RunDir, checkpoint_step, move_aside, publish_checkpoint, resolve_checkpoint, staging_dir
 from fope_lm.training.config import RESUME_MAY_CHANGE
 from fope_lm.training.distributed import model_for_export
@@ -61,28 +63,57 @@ class Checkpointer:
         published atomically. `on_weights_written(staging)` runs on every rank between the weights and the rest."""
         final = self.run_dir.checkpoint(step)
         staging = staging_dir(final)
+        errors: list[str] = []  # this rank's first failed write (a full disk, a quota): later writes are skipped
+
+        def attempt(write: Callable[[], object]) -> None:
+            if not errors:
+                try:
+                    write()
+                except OSError as exc:
+                    errors.append(f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
+
         if self.is_main:
-            staging.mkdir(parents=True, exist_ok=True)
+            attempt(lambda: staging.mkdir(parents=True, exist_ok=True))
         self.accelerator.wait_for_everyone()
         export = model_for_export(self.accelerator, model)  # a collective under DeepSpeed
         if export is not None:  # rank 0
-            save_model(staging, export, metadata=metadata)
+            attempt(lambda: save_model(staging, export, metadata=metadata))
         if on_weights_written is not None:
-            on_weights_written(staging)
-        if self.deepspeed:  # its sharded optimizer (and module) states; every rank writes its own part
-            model.save_checkpoint(str(staging), tag=DEEPSPEED_STATE, save_latest=False)
+            attempt(lambda: on_weights_written(staging))
+        if self.deepspeed:  # its sharded optimizer (and module) states; every rank writes its own part, in a collective
+            try:
+                model.save_checkpoint(str(staging), tag=DEEPSPEED_STATE, save_latest=False)
+            except OSError as exc:
+                errors.append(f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
         elif self.is_main:  # DDP: every rank holds the same optimizer state
-            torch.save(optimizer.state_dict(), staging / OPTIMIZER_STATE)
-        torch.save(rng_state(), staging / RNG_STATE.format(rank=self.rank))
+            attempt(lambda: torch.save(optimizer.state_dict(), staging / OPTIMIZER_STATE))
+        attempt(lambda: torch.save(rng_state(), staging / RNG_STATE.format(rank=self.rank)))
         if self.is_main:
-            write_json_atomic(staging / TRAINER_STATE, trainer_state)
-        self.accelerator.wait_for_everyone()
+            attempt(lambda: write_json_atomic(staging / TRAINER_STATE, trainer_state))
+        self._agree_it_was_written(final, staging, errors[0] if errors else None)
         if self.is_main:
             publish_checkpoint(staging, final)
             self.run_dir.prune_checkpoints(self.keep_last)
             log.info("saved %s", final)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _agree_it_was_written(self, final: Path, staging: Path, error: str | None) -> None:
+        """Every rank learns whether every rank wrote its part (a collective); if one did not, the staging goes and
+        every rank stops with the same one line: the reason, the free space, the newest intact checkpoint."""
+        reasons = gather_object([error]) if self.accelerator.num_processes > 1 else [error]
+        failed = [(rank, reason) for rank, reason in enumerate(reasons) if reason]
+        if not failed:
+            return
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # a half-written checkpoint only keeps the disk full
+        rank, reason = failed[0]
+        free = shutil.disk_usage(self.run_dir.path).free / 2**30
+        where = f" on rank {rank}" if self.accelerator.num_processes > 1 else ""
+        raise CheckpointError(
+            f"cannot save {final.name}: {reason}{where}; {free:.1f} GiB free in {self.run_dir}; newest intact checkpoint: "
+            f"{self.run_dir.latest_checkpoint() or 'none'}; free space, then continue with resume=auto"
+        )
 
     def restore(self, checkpoint: Path, model, optimizer, *, world_size: int) -> dict:
         """Optimizer (or DeepSpeed's states) and this rank's RNG from `checkpoint` (its weights were loaded into the
@@ -172,25 +203,49 @@ def read_trainer_state(checkpoint: Path) -> dict:
 
 
 def check_training_checkpoint(checkpoint: Path) -> dict:
-    """Raise CheckpointError unless every file of a training checkpoint is there and whole (a truncated or garbled
-    file fails here, before any compute); return its trainer state. Cheap: headers and zip directories, no tensors."""
+    """Raise CheckpointError unless every file of a training checkpoint is there, whole and loadable, before any
+    compute; return its trainer state. The weights fit the model the checkpoint's config describes (names and shapes,
+    read from the safetensors header); our pickles (optimizer, RNG) unpickle with weights_only=True, their tensors
+    memory-mapped rather than read. DeepSpeed's own files are only checked whole (a zip directory): DeepSpeed loads
+    them itself with full unpickling, so a checkpoint's deepspeed/ must come from a trusted run."""
     state = read_trainer_state(checkpoint)
-    read_model_config(checkpoint)
+    config = read_model_config(checkpoint)
+    weights = checkpoint / WEIGHTS_FILE
     try:
-        with safetensors.safe_open(str(checkpoint / WEIGHTS_FILE), "pt"):
-            pass  # checks the header and that the data it describes fills the file exactly
+        with safetensors.safe_open(str(weights), "pt") as f:  # the header, and that its data fills the file exactly
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118  # not a dict
     except Exception as exc:
-        raise CheckpointError(f"corrupt weights file {checkpoint / WEIGHTS_FILE} ({type(exc).__name__}: {exc})") from None
-    pickles = [checkpoint / OPTIMIZER_STATE] if (checkpoint / OPTIMIZER_STATE).exists() else []
-    if not pickles and not (checkpoint / DEEPSPEED_STATE).is_dir():
+        raise CheckpointError(f"corrupt weights file {weights} ({type(exc).__name__}: {exc})") from None
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in Transformer(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    if shapes != expected and not _only_scalar_shapes_differ(shapes, expected):
+        wrong = sorted(set(shapes) ^ set(expected)) or [k for k in expected if shapes.get(k) != expected[k]]
+        raise CheckpointError(
+            f"weights in {weights} do not fit the model its config describes ({', '.join(wrong[:4])}): they were overwritten"
+        )
+    if not (checkpoint / OPTIMIZER_STATE).exists() and not (checkpoint / DEEPSPEED_STATE).is_dir():
         raise CheckpointError(f"{checkpoint} has neither {OPTIMIZER_STATE} nor {DEEPSPEED_STATE}/: its optimizer state is missing")
-    pickles += sorted(checkpoint.glob(RNG_STATE.format(rank="*"))) + sorted((checkpoint / DEEPSPEED_STATE).rglob("*.pt"))
-    for path in pickles:  # torch.save writes zip archives, whose directory sits at the end: truncation loses it
+    ours = [checkpoint / OPTIMIZER_STATE] if (checkpoint / OPTIMIZER_STATE).exists() else []
+    ours += sorted(checkpoint.glob(RNG_STATE.format(rank="*")))
+    for path in ours + sorted((checkpoint / DEEPSPEED_STATE).rglob("*.pt")):  # torch.save's zip directory sits at the end
         try:
             zipfile.ZipFile(path).close()
         except (OSError, zipfile.BadZipFile) as exc:
             raise CheckpointError(f"corrupt checkpoint file {path} ({exc}): it was cut short or overwritten") from None
+    for path in ours:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # garbled, or a pickle that would run code
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            raise CheckpointError(f"{path} does not load with weights_only=True ({type(exc).__name__}: {first_line[:200]})") from None
     return state
+
+
+def _only_scalar_shapes_differ(shapes: dict, expected: dict) -> bool:
+    """The same tensors, where only 0-dim vs (1,) differ: FIRE's scalars as checkpoints of older code hold them."""
+    return shapes.keys() == expected.keys() and all(shapes[k] == expected[k] or {shapes[k], expected[k]} == {(), (1,)} for k in shapes)
 
 
 def latest_loadable_checkpoint(run_dir: RunDir, *, move_corrupt: bool) -> Path | None:

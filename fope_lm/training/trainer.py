@@ -13,6 +13,7 @@ callbacks (fope_lm.training.callbacks), as is fault injection for tests (fope_lm
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from fope_lm.nn.attention import attention_kernels, choose_kernel
 from fope_lm.nn.documents import Documents
 from fope_lm.nn.model import ModelConfig, Transformer
 from fope_lm.provenance import git_sha, package_versions
-from fope_lm.run_dir import RunDir, resolve_checkpoint
+from fope_lm.run_dir import RunDir, RunLock, resolve_checkpoint
 from fope_lm.schema import validated
 from fope_lm.training.callbacks import (
     Callbacks,
@@ -114,6 +115,7 @@ class Plan:
     eval_hooks: dict
     stop_file: Path
     started: float  # time.time() when planning began: a stop file older than this predates the run
+    lock: RunLock | None = None  # rank 0's hold on the run dir, for the life of the process
 
     @property
     def start_step(self) -> int:
@@ -127,6 +129,11 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
     data = TokenData(ensure_prepared(DataConfig.from_cfg(config.data)))
     model_config = build_model_config(config.model, config.pe, max_seq_len=train.seq_len, default_vocab_size=data.vocab_size)
     data.check_vocab(model_config.vocab_size)
+    if 0 < (instances := data.train_instances(train.seq_len)) < train.batch_size:  # 0: TrainBatches says the length is too long
+        raise ConfigError(
+            f"train.global_batch_size={train.batch_size} is more than the {instances} training instances of {data.dir} at "
+            f"seq_len={train.seq_len}: a step would repeat samples; use a global batch of at most {instances}, or prepare more data"
+        )
 
     per_step = train.micro_batch_size * world_size
     if train.batch_size % per_step:
@@ -149,40 +156,52 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
             encoding = model_config.pe_spec.build(head_dim=model_config.head_dim, n_heads=model_config.n_heads, max_seq_len=train.seq_len)
         choose_kernel("flash", encoding, head_dim=model_config.head_dim, device="cuda" if runs_on_cuda() else "cpu")
     run_dir = RunDir(Path(config.run_root) / config.run_name)
-    resume_from = resume_point(resume=config.resume, overwrite=config.overwrite, run_dir=run_dir, rank=rank)
-    resume_state = init_from = None
-    resume_changes: dict = {}
-    if resume_from is not None:
-        resume_state = check_training_checkpoint(resume_from)
-        check_resumable(resume_from, resume_state, model_config, data)
-        resume_changes = changed_settings(resume_state["config"], to_container(config))
-        if resume_state["step"] >= train.max_steps:
-            log.info("%s is at step %d, train.max_steps=%d: nothing to train (raise max_steps to extend the run)",
-                     resume_from, resume_state["step"], train.max_steps)  # fmt: skip
-    elif config.init_from is not None:
-        init_from = resolve_checkpoint(config.init_from)
-        read_model_config(init_from)  # exists and is readable; shapes are checked on load
-    own_history = resume_from is not None and resume_state is not None and run_dir.owns(resume_from)
-    return Plan(
-        config=config,
-        run_dir=run_dir,
-        rank=rank,
-        world_size=world_size,
-        data=data,
-        model_config=model_config,
-        grad_accum=grad_accum,
-        mixed_precision=precision,
-        deepspeed_config=deepspeed_config,
-        compile=compile,
-        resume_from=resume_from,
-        resume_state=resume_state,
-        resume_changes=resume_changes,
-        init_from=init_from,
-        keep_history_until=resume_state["step"] if own_history and resume_state else 0,
-        eval_hooks=instantiate_eval_hooks(train.eval_hooks),
-        stop_file=Path(train.stop_file) if train.stop_file else run_dir.stop_file,
-        started=started,
-    )
+    created = not run_dir.path.exists()
+    lock = run_dir.lock() if rank == 0 else None  # one run per run dir: before anything in it is set aside or written
+    try:
+        resume_from = resume_point(resume=config.resume, overwrite=config.overwrite, run_dir=run_dir, rank=rank)
+        resume_state = init_from = None
+        resume_changes: dict = {}
+        if resume_from is not None:
+            resume_state = check_training_checkpoint(resume_from)
+            check_resumable(resume_from, resume_state, model_config, data)
+            resume_changes = changed_settings(resume_state["config"], to_container(config))
+            if resume_state["step"] >= train.max_steps:
+                log.info("%s is at step %d, train.max_steps=%d: nothing to train (raise max_steps to extend the run)",
+                         resume_from, resume_state["step"], train.max_steps)  # fmt: skip
+        elif config.init_from is not None:
+            init_from = resolve_checkpoint(config.init_from)
+            read_model_config(init_from)  # exists and is readable; shapes are checked on load
+        own_history = resume_from is not None and resume_state is not None and run_dir.owns(resume_from)
+        return Plan(
+            config=config,
+            run_dir=run_dir,
+            rank=rank,
+            world_size=world_size,
+            data=data,
+            model_config=model_config,
+            grad_accum=grad_accum,
+            mixed_precision=precision,
+            deepspeed_config=deepspeed_config,
+            compile=compile,
+            resume_from=resume_from,
+            resume_state=resume_state,
+            resume_changes=resume_changes,
+            init_from=init_from,
+            keep_history_until=resume_state["step"] if own_history and resume_state else 0,
+            eval_hooks=instantiate_eval_hooks(train.eval_hooks),
+            stop_file=Path(train.stop_file) if train.stop_file else run_dir.stop_file,
+            started=started,
+            lock=lock,
+        )
+    except BaseException:
+        if lock is not None:  # planning failed: let go, and leave no run dir that only the lock made
+            lock.release()
+            if created:
+                run_dir.lock_file.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    run_dir.path.rmdir()
+        raise
 
 
 def resolve_compile(configured: bool | None, deepspeed_config: dict | None) -> bool:
@@ -348,7 +367,7 @@ class Trainer:
         train, callbacks = self.config.train, self.callbacks
         self._log_start()
         callbacks.call("on_train_start", self)
-        stopped = False
+        stopped, first_step, skipped_before = False, self.step + 1, self.skipped_steps
         try:
             while self.step < train.max_steps and not stopped:
                 step = self.step + 1
@@ -370,6 +389,20 @@ class Trainer:
         # every rank reaches the end before the process group goes away (else exits race and some abort)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self.plan.lock is not None:
+            self.plan.lock.release()
+        self._fail_if_nothing_trained(self.step - first_step + 1, self.skipped_steps - skipped_before)
+
+    def _fail_if_nothing_trained(self, steps: int, skipped: int) -> None:
+        """on_nonfinite=skip drops non-finite updates: a run that dropped every one of its steps trained nothing and
+        must not look like a success; one that dropped most of them is warned about."""
+        if steps > 0 and skipped == steps:
+            raise FopeError(
+                f"all {steps} steps of this run had a non-finite loss or gradient and were skipped: nothing was trained "
+                f"(checkpoint {self.plan.run_dir.latest_checkpoint()} holds the weights it started from); lower optim.lr"
+            )
+        if skipped > steps // 2:
+            log.warning("%d of this run's %d steps were skipped (non-finite loss or gradient): lower optim.lr", skipped, steps)
 
     def train_step(self, step: int) -> StepResult:
         train, accelerator = self.config.train, self.accelerator

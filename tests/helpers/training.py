@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,8 +48,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args, *, data_root, runs, processes=1, deepspeed=None, fault=None, digests=False, expect_rc=0):
-    """Run train.py (python for one process; accelerate launch for two) and return the finished process.
+def launch_command(args, *, data_root, runs, processes=1, deepspeed=None, fault=None, digests=False) -> tuple[list[str], dict]:
+    """The command line and environment of a train.py launch (python for one process; accelerate launch for two).
 
     deepspeed: the accelerate config to launch with, "zero2" or "zero3" (configs/accelerate/<name>.yaml).
     """
@@ -76,7 +77,14 @@ def launch(args, *, data_root, runs, processes=1, deepspeed=None, fault=None, di
             env["ACCELERATE_USE_CPU"] = "true"
             command += ["--multi_gpu", "--num_machines", "1"]
         command += ["train.py"]
-    command += [f"run_root={runs}", *args]
+    return [*command, f"run_root={runs}", *args], env
+
+
+def launch(args, *, data_root, runs, processes=1, deepspeed=None, fault=None, digests=False, expect_rc=0):
+    """Run train.py to its end and return the finished process (`launch_command`'s arguments)."""
+    command, env = launch_command(
+        args, data_root=data_root, runs=runs, processes=processes, deepspeed=deepspeed, fault=fault, digests=digests
+    )
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     output = result.stdout + result.stderr
     if expect_rc == "nonzero":
@@ -85,6 +93,23 @@ def launch(args, *, data_root, runs, processes=1, deepspeed=None, fault=None, di
         assert result.returncode == expect_rc, output[-6000:]
     result.output = output
     return result
+
+
+def start(args, **options) -> subprocess.Popen:
+    """Start train.py in the background (`launch_command`'s options); its output (stdout and stderr) on a pipe."""
+    command, env = launch_command(args, **options)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600):
+    """Poll for a marker; fail early if the process died. The timeout only guards against hangs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode} before {what}:\n{process.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
 
 
 def trajectory(run_dir: Path) -> list[tuple]:

@@ -5,7 +5,7 @@ For each head: the mean pre-softmax logit at distance 0 .. 4L-1 (L = the checkpo
 (the components the FoPE paper calls under-trained). See fope_lm/evaluation/spectrum.py for the definitions.
 
     python scripts/analyze_spectrum.py runs/fope/checkpoints/step_010000 --out analysis/fope
-    python scripts/analyze_spectrum.py CKPT --data-dir data/c4-olmo --sequences 16 --device cuda
+    python scripts/analyze_spectrum.py CKPT --data-dir data/c4-olmo --sequences 16 --device cuda --out analysis/c4
     python scripts/analyze_spectrum.py CKPT --tokens val_tokens.npy --out /tmp/spectrum
 
 Writes spectrum.json (one low-frequency fraction per layer, per-head fractions, the PE's own frequencies),
@@ -24,7 +24,9 @@ from fope_lm.evaluation.spectrum import analyze_checkpoint
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint dir (model.safetensors + model_config.json)")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint dir (model.safetensors + model_config.json), or a run dir: its newest complete one"
+    )
     parser.add_argument("--out", required=True, help="output dir for spectrum.json / .npz / .png")
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--data-dir", help="a prepared dataset (its validation split); default: the one the checkpoint records")

@@ -128,7 +128,7 @@ def eval_runs(pes: list[str], document_mask: bool) -> list[tuple[str, str, str, 
     return evals
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # 600: ~20 min on 2 CPU cores, the same ordering as 800 (`DEMO_STEPS=N make demo` passes --steps N)
     parser.add_argument("--steps", type=int, default=600, help="training steps per PE")
@@ -141,7 +141,7 @@ def main() -> None:
         "--document-mask", action="store_true", help="attend within documents, positions restarting at each (train.document_mask=true)"
     )
     parser.add_argument("--out", type=Path, help="default runs/demo, or runs/demo_document_mask with --document-mask")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out = args.out or Path("runs/demo_document_mask" if args.document_mask else "runs/demo")
     pes = args.pes.split(",")
     if unknown := [pe for pe in pes if not (REPO_ROOT / "configs" / "pe" / f"{pe}.yaml").exists()]:

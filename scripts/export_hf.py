@@ -26,9 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="auto", choices=["auto", "native", "remote"],
                         help="native: a LlamaForCausalLM dir, no Python files (rope; yarn / linear / dynamic NTK scaling); "
                         "remote: remote code, every PE; auto (default): native where exact, else remote")  # fmt: skip
+    parser.add_argument("--max-position-embeddings", type=int, metavar="N",
+                        help="the longest context the export declares (config.json; lm_eval's default max_length); default: "
+                        "the training length, times the scale of static length scaling (YaRN s=4 at L=1024: 4096), 16 x L0 "
+                        "for dynamic scaling (a native dynamic-NTK export keeps L0 there: transformers reads it)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        out_dir = export_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, format=args.format, overwrite=args.overwrite)
+        out_dir = export_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, format=args.format, overwrite=args.overwrite,
+                            max_position_embeddings=args.max_position_embeddings)  # fmt: skip
     except FopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -60,12 +60,16 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def plan_with(data_root, runs):
-    """`fope_lm.training.trainer.plan` of the tiny config (helpers.training.TINY) plus overrides: every check, no compute."""
+    """`fope_lm.training.trainer.plan` of the tiny config (helpers.training.TINY) plus overrides: every check, no compute.
+    The plan's lock on its run dir is released at once (tests/test_run_dir.py holds one)."""
     from fope_lm.training.trainer import plan
 
     from helpers.training import TINY, compose_config
 
     def make(*overrides):
-        return plan(compose_config([f"run_root={runs}", f"data.root={data_root}", *TINY, *overrides]))
+        planned = plan(compose_config([f"run_root={runs}", f"data.root={data_root}", *TINY, *overrides]))
+        if planned.lock is not None:  # a plan checks; it does not run: the run dir is free for the next plan or launch
+            planned.lock.release()
+        return planned
 
     return make

@@ -19,7 +19,7 @@ LAYERS = [
     {"data", "checkpoint", "run_dir", "tracking"},
     {"training", "evaluation"},
     {"hf"},
-    {"bench"},
+    {"bench", "cli"},
 ]
 SIBLINGS_APART = {("training", "evaluation"), ("evaluation", "training")}
 

@@ -1,6 +1,8 @@
 """fope_lm.hf.llama: a random LlamaForCausalLM (grouped-query attention, tied embeddings, a SwiGLU width that is not
 4d, eps 1e-5) imports with its logits, swaps its rotary part, exports back natively (no remote code) for rope and
-transformers' scaling types, round-trips to identical tensors, and refuses what it cannot represent, in one line."""
+transformers' scaling types, round-trips to identical tensors, and refuses what it cannot represent, in one line; a
+Mistral without a sliding window is a Llama and imports with its logits; Qwen2 and a sliding window are refused by
+the feature fope_lm lacks, with what imports instead."""
 
 import json
 import subprocess
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
 
 from fope_lm.checkpoint import load_model, load_state_dict, save_model
 from fope_lm.errors import CheckpointError
@@ -130,7 +132,7 @@ def test_what_has_no_exact_equivalent_is_refused_in_one_line(source, tmp_path):
     cases = {
         "not a directory": (tmp_path / "missing", "is not a directory"),
         "no config.json": (tmp_path, "has no config.json"),
-        "another architecture": (bad, "holds a 'gpt2' model: only LlamaForCausalLM"),
+        "another architecture": (bad, "holds a 'gpt2' model (GPT2LMHeadModel): only Llama-architecture models import exactly"),
     }
     biased = tmp_path / "biased"
     save_llama(biased, llama_config(attention_bias=True))
@@ -153,12 +155,77 @@ def test_what_has_no_exact_equivalent_is_refused_in_one_line(source, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "import_hf.py"), str(bad), str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        f"error: {bad} holds a 'gpt2' model: only LlamaForCausalLM (model_type llama) imports exactly"
+        f"error: {bad} holds a 'gpt2' model (GPT2LMHeadModel): only Llama-architecture models import exactly (LlamaForCausalLM, "
+        "model_type llama; MistralForCausalLM without a sliding window); a Llama-architecture model (SmolLM, TinyLlama, Llama 2/3) "
+        "imports; --pe does not help (it replaces only the rotary part)"
     ]
     # a FoPE checkpoint has no native equivalent
     fope = import_llama(src, tmp_path / "fope", pe="fope")
     with pytest.raises(ExportError, match="no native equivalent of .*--format remote"):
         export_hf(fope, tmp_path / "hf", format="native")
+
+
+def mistral_config(**changes) -> MistralConfig:
+    values = dict(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=64, initializer_range=0.1, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )  # fmt: skip
+    return MistralConfig(**(values | changes))
+
+
+def test_a_mistral_without_a_sliding_window_is_a_llama(tmp_path):
+    """MistralForCausalLM with sliding_window null computes a Llama's function with a Llama's weight names: it imports
+    with its logits (theta 1e6, Mistral's), exports natively as a LlamaForCausalLM with the same logits."""
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(mistral_config()).eval()
+    mistral.save_pretrained(tmp_path / "mistral")
+    passkey_tokenizer().save_pretrained(tmp_path / "mistral")
+    imported = import_llama(tmp_path / "mistral", tmp_path / "imported")
+    model = load_model(imported).eval()
+    assert (model.config.pe, model.config.rope_theta, model.config.n_kv_heads) == ("rope", 1e6, 2)
+    assert max_logit_diff(mistral, model) < 1e-4  # past max_position_embeddings too (100 > 64)
+    native = AutoModelForCausalLM.from_pretrained(export_hf(imported, tmp_path / "hf", format="native")).eval()
+    assert type(native).__name__ == "LlamaForCausalLM" and max_logit_diff(mistral, native) < 1e-4
+
+
+def test_qwen2_and_a_sliding_window_are_refused_naming_the_missing_feature(tmp_path):
+    """Refused before any weight is read, in one line: what the model has that fope_lm's architecture lacks, and what
+    imports instead (a config alone is enough: the refusal never looks for weights)."""
+    configs = {
+        "qwen2": Qwen2Config(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2),
+        "qwen2-window": Qwen2Config(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, use_sliding_window=True, sliding_window=32),
+        "mistral-window": mistral_config(sliding_window=32),
+    }
+    for name, config in configs.items():
+        config.architectures = [{"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[config.model_type]]
+        config.save_pretrained(tmp_path / name)
+    nearest = "a Llama-architecture model (SmolLM, TinyLlama, Llama 2/3) imports; --pe does not help (it replaces only the rotary part)"
+    expected = {
+        "qwen2": f"{tmp_path / 'qwen2'} holds a 'qwen2' model (Qwen2ForCausalLM) with biases on its q/k/v projections (Qwen2 always "
+        "has them), which fope_lm's architecture cannot represent: only Llama-architecture models import exactly (LlamaForCausalLM, "
+        f"model_type llama; MistralForCausalLM without a sliding window); {nearest}",
+        "qwen2-window": "with biases on its q/k/v projections (Qwen2 always has them) and a sliding window (use_sliding_window=true, "
+        "sliding_window=32), which fope_lm's architecture cannot represent",
+        "mistral-window": f"{tmp_path / 'mistral-window'}: this mistral model has a sliding window (sliding_window=32), which "
+        "fope_lm's architecture cannot represent; only a Mistral trained without one (sliding_window null) is a Llama and imports; "
+        + nearest,
+    }
+    for name, words in expected.items():
+        with pytest.raises(LlamaConversionError) as info:
+            import_llama(tmp_path / name, tmp_path / "out")
+        assert words in str(info.value) and "\n" not in str(info.value), (name, str(info.value))
+    assert not (tmp_path / "out").exists()
+    script = str(REPO / "scripts" / "import_hf.py")
+    commands = {
+        name: subprocess.Popen([sys.executable, script, str(tmp_path / name), str(tmp_path / "out")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        for name in ("qwen2", "mistral-window")
+    }  # fmt: skip
+    for name, process in commands.items():  # what a user sees: one line, no traceback
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+        assert stderr.strip().splitlines() == [f"error: {expected[name]}"], stderr
 
 
 def test_an_imported_checkpoint_refuses_a_changed_source_config(source, tmp_path):

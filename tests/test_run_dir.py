@@ -78,13 +78,18 @@ def test_without_flock_the_lock_file_decides(tmp_path, no_flock, caplog):
         run_dir.lock()
 
 
-def test_a_failed_plan_leaves_no_run_dir_behind(plan_with, runs):
+def test_a_failed_plan_leaves_no_run_dir_behind(plan_with, runs, data_root):
     """The lock is taken once the config is valid; a plan that fails after it (here: init_from names nothing) lets go
     and removes the run dir it made for the lock."""
     with pytest.raises(Exception, match="nosuch"):
         plan_with("+pe=rope", "run_name=fresh", "init_from=/nosuch/checkpoint")
     assert not (runs / "fresh").exists()
-    plan = plan_with("+pe=rope", "run_name=fresh")
-    assert plan.lock is not None and json.loads(plan.run_dir.lock_file.read_text())["pid"] == os.getpid()
+    from fope_lm.training.trainer import plan
+
+    from helpers.training import TINY, compose_config
+
+    held = plan(compose_config([f"run_root={runs}", f"data.root={data_root}", *TINY, "+pe=rope", "run_name=fresh"]))
+    assert held.lock is not None and json.loads(held.run_dir.lock_file.read_text())["pid"] == os.getpid()
     with pytest.raises(CheckpointError, match="is in use by"):
         plan_with("+pe=rope", "run_name=fresh")
+    held.lock.release()

@@ -10,10 +10,11 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fope_lm.errors import ConfigError
+from fope_lm import paths
+from fope_lm.errors import ConfigError, DataError
 from fope_lm.schema import Choice, validated
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"  # the data group, as scripts/prepare_data.py reads it
+CONFIG_DIR = paths.CONFIG_DIR / "data"  # the data group, as scripts/prepare_data.py reads it (a checkout or the installed package)
 DEFAULT_TOKENIZER = "allenai/gpt-neox-olmo-dolma-v1_5"  # OLMo's: 50280 tokens, EOS 0, pad 1
 
 
@@ -41,7 +42,10 @@ class OnBadRecord(Choice):
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from, how it is tokenized and where the prepared shards live (the values: the data group,
-    configs/data/*.yaml; the checks: __post_init__, fope_lm.schema's pattern)."""
+    configs/data/*.yaml; the checks: __post_init__, fope_lm.schema's pattern).
+
+    `dir` names a prepared dir to train or evaluate on as it is (`data.dir=PATH`): `from_cfg` then ignores every other
+    key given and returns the config the dir was prepared with (its metadata.json), `dir` set to its absolute path."""
 
     name: str = MISSING  # the prepared dir is <root>/<name> (embedded: <root>/<name>-py<python version>)
     source: DataSource = MISSING
@@ -57,6 +61,7 @@ class DataConfig:
     dtype: str | None = None  # source=npy: the files' token dtype, uint16 (the default) or uint32
     instances: Instances | None = None  # per_file | stream; None: per_file for source=npy (OLMo's), else stream
     on_bad_record: OnBadRecord = OnBadRecord.error  # error | skip (see OnBadRecord)
+    dir: str | None = None  # a prepared dir, used as it is: its metadata.json gives all of the above (of_prepared_dir)
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)  # frozen: the normalised values are set once, here
@@ -101,11 +106,38 @@ class DataConfig:
 
     @classmethod
     def from_cfg(cls, cfg: "Mapping | DictConfig | DataConfig") -> "DataConfig":
-        """Validate a config mapping (a Hydra/OmegaConf node or a plain dict)."""
+        """Validate a config mapping (a Hydra/OmegaConf node or a plain dict); one with a `dir` is that prepared dir's
+        config (`of_prepared_dir`), whatever its other keys say."""
+        if not isinstance(cfg, DataConfig) and isinstance(cfg, Mapping) and cfg.get("dir") is not None:
+            return cls.of_prepared_dir(cfg["dir"])
         return validated(cls, cfg)
+
+    @classmethod
+    def of_prepared_dir(cls, data_dir: "str | Path") -> "DataConfig":
+        """The config a prepared dir was made with (the `config` its metadata.json records, `root` its parent), with
+        `dir` set to its absolute path: tokenizer, vocab, EOS, dtype and fingerprint are the dir's own. A dir without
+        metadata.json or tokenizer/ is a one-line DataError naming what is missing."""
+        from fope_lm.data.format import METADATA_FILE, TOKENIZER_DIR, read_metadata  # format imports this module
+
+        path = Path(data_dir).expanduser().absolute()
+        fix = "pass the dir that scripts/prepare_data.py wrote, <root>/<name> (metadata.json, tokenizer/ and the shards)"
+        if not path.is_dir():
+            raise DataError(f"data.dir={data_dir}: no such directory; {fix}")
+        wanted = {METADATA_FILE: path / METADATA_FILE, f"{TOKENIZER_DIR}/tokenizer.json": path / TOKENIZER_DIR / "tokenizer.json"}
+        if missing := [name for name, file in wanted.items() if not file.is_file()]:
+            raise DataError(f"data.dir={data_dir} is not a prepared dataset: it has no {' and no '.join(missing)}; {fix}")
+        metadata = read_metadata(path)  # valid JSON of the format this code reads, else one line
+        if not isinstance(recorded := metadata.get("config"), Mapping):
+            raise DataError(
+                f"data.dir={data_dir}: its {METADATA_FILE} records no data config (prepared by older code): "
+                f"re-prepare it with scripts/prepare_data.py --overwrite"
+            )
+        return validated(cls, {**recorded, "root": str(path.parent), "dir": str(path)})
 
     @property
     def prepared_dir(self) -> Path:
+        if self.dir is not None:
+            return Path(self.dir)
         if self.source == DataSource.embedded:  # its text is the running Python's stdlib, so the version names the corpus
             return Path(self.root) / f"{self.name}-py{platform.python_version()}"
         return Path(self.root) / self.name
@@ -116,7 +148,7 @@ class DataConfig:
         another cut is refused like any other change (re-prepare, or use another name)."""
         values = dataclasses.asdict(self) | {"source": str(self.source), "instances": str(self.instances)}
         values["on_bad_record"] = str(self.on_bad_record)
-        del values["root"]
+        del values["root"], values["dir"]
         if self.on_bad_record == OnBadRecord.error:  # the default, absent from dirs prepared before the field existed
             del values["on_bad_record"]
         if values["dtype"] is None:  # dirs prepared before the field existed have no such key
@@ -124,6 +156,18 @@ class DataConfig:
         if self.source != DataSource.npy:  # likewise; and they can only be read as one stream
             del values["instances"]
         return values
+
+    def to_config(self) -> dict:
+        """Every key, as configs/data/*.yaml spells it (plain values): what a run records as its data config."""
+        values = dataclasses.asdict(self)
+        for key in ("source", "instances", "on_bad_record"):
+            values[key] = None if values[key] is None else str(values[key])
+        return values
+
+    def differences(self, prepared_with: Mapping) -> dict[str, tuple[Any, Any]]:
+        """key -> (prepared, configured) for each `to_dict()` value that differs from the config a dir was prepared
+        with (its metadata.json's `config`)."""
+        return {key: (prepared_with.get(key), value) for key, value in self.to_dict().items() if prepared_with.get(key) != value}
 
 
 def default_instances(source: DataSource) -> Instances:
@@ -151,6 +195,7 @@ def prepare_command(cfg: DataConfig, *, overwrite: bool = False) -> str:
     """The scripts/prepare_data.py command line that builds exactly `cfg`'s prepared dir, for error messages: the
     configs/data/ file of its source that needs the fewest overrides, plus those overrides."""
     wanted = dataclasses.asdict(cfg)
+    del wanted["dir"]  # prepare writes <root>/<name>; `dir` only names a prepared dir to read
     best: tuple[int, str, list[str]] | None = None
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         values: dict = OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[assignment]  # a mapping

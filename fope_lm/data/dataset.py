@@ -8,17 +8,19 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fope_lm.data.config import Instances
+from fope_lm.data.config import DataConfig, Instances, prepare_command
 from fope_lm.data.format import (
     SPLITS,
     TOKENIZER_DIR,
     VERIFIED_DIR,
     compute_fingerprint,
+    is_prepared,
     read_metadata,
     rebuild_command,
     sha256_file,
@@ -53,6 +55,24 @@ class TokenData:
             self._check_shard_size(shard)
         if verify:
             self.verify_once()
+
+    @classmethod
+    def from_config(cls, data_cfg: "Mapping | DataConfig") -> "TokenData":
+        """The prepared data a data config names, for training and eval, opened by its absolute path (so the path a run
+        records finds it from any working directory): `data.dir` as it is, else `<root>/<name>` (`ensure_prepared`: the
+        embedded corpus is prepared on first use). A `<root>/<name>` prepared with other settings than the config's
+        is refused with both ways out: the dir as it was prepared (`data.dir=`), or rebuilt with these settings."""
+        from fope_lm.data.prepare import ensure_prepared  # prepare reads and writes through this module
+
+        cfg = DataConfig.from_cfg(data_cfg)
+        data_dir = cfg.prepared_dir
+        if cfg.dir is None and is_prepared(data_dir) and (changed := cfg.differences(read_metadata(data_dir).get("config", {}))):
+            differences = ", ".join(f"{key}={prepared!r} (config: {configured!r})" for key, (prepared, configured) in changed.items())
+            raise DataError(
+                f"{data_dir} was prepared with a different config: {differences}; run `{prepare_command(cfg, overwrite=True)}` "
+                f"or use another name or root; or use it as it was prepared: data.dir={data_dir.absolute()} (and no other data keys)"
+            )
+        return cls(ensure_prepared(cfg).absolute())
 
     @property
     def vocab_size(self) -> int:

@@ -7,6 +7,7 @@ loaded, and each `__post_init__` rejects the values that types cannot express.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +85,9 @@ class EvalConfig:
     checkpoint: str = MISSING  # a checkpoint dir (step_XXXXXX) or a run dir (its newest complete checkpoint)
     output_dir: str | None = None  # null: <run_dir>/eval/<step_N>/<label> (a run's checkpoint)
     label: str | None = None  # the curve's name in tables and plots; null: the PE (+ eval-time YaRN)
-    data: Any = None  # a data config (configs/data/*.yaml): the validation split and the tokenizer
+    # the validation split and the tokenizer: by default (no data group, dir null) the data the checkpoint was trained on
+    # (fope_lm.run_dir.recorded_data_dir); data=<configs/data/*.yaml> or data.dir=<a prepared dir>: that data
+    data: Any = field(default_factory=lambda: {"dir": None})
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     dtype: AutocastDtype = AutocastDtype.auto  # autocast dtype
     attention: str = "auto"  # auto (flash-attn where it fits, else PyTorch SDPA) | flash (or a one-line error) | sdpa
@@ -111,8 +114,13 @@ class EvalConfig:
             self.scaling.build(max_seq_len=1)  # its checks; L0 comes from the checkpoint
         except ConfigError as exc:
             raise ConfigError(f"scaling: {exc}") from None
-        if self.data is None:
-            raise ConfigError("no eval data: set data=<name of a configs/data/*.yaml>, e.g. data=embedded")
+        if self.data is not None and not isinstance(self.data, Mapping):
+            raise ConfigError(f"data must be a data config (data=<name of a configs/data/*.yaml> or data.dir=PATH), got {self.data!r}")
+
+    @property
+    def checkpoint_data(self) -> bool:
+        """Whether `data` leaves the choice to the checkpoint: no data group selected and no data.dir."""
+        return self.data is None or all(value is None for value in self.data.values())
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +96,12 @@ class PasskeyPrompts:
         return self._encode(f" {key}")
 
     def fixed_length(self, key: int) -> int:
+        """The prompt's tokens other than filler: the task (after its EOS), the key sentence and the question."""
         return len(self.prefix) + len(self.key_sentence(key)) + len(self.question)
+
+    def shortest_length(self, keys: Iterable[int]) -> int:
+        """The shortest length whose prompts hold every one of `keys` (with no filler)."""
+        return max(self.fixed_length(key) for key in keys)
 
     def build(self, length: int, key: int, depth: float) -> PasskeyPrompt:
         key_tokens = self.key_sentence(key)
@@ -116,6 +122,20 @@ class PasskeyPrompts:
         split = min(boundaries, key=lambda boundary: abs(boundary - depth * n_filler))  # nearest sentence boundary
         tokens = self.prefix + filler[:split] + key_tokens + filler[split:] + self.question
         return PasskeyPrompt(tokens, key, depth, len(self.prefix) + split)
+
+
+def check_lengths(tokenizer, lengths: Sequence[int], *, trials: int, seed: int, distractors: int) -> None:
+    """A one-line ConfigError, before any compute, when a passkey length is shorter than the prompts of these trials
+    without filler (the task, the key sentence and the question, in this tokenizer's tokens); it names the shortest
+    length that works. The answer is not part of the prompt: it follows it (generated, or scored as a continuation)."""
+    shortest = PasskeyPrompts(tokenizer).shortest_length(trial.key for trial in sample_trials(trials, seed, distractors))
+    too_short = sorted({length for length in lengths if length < shortest})
+    if too_short:
+        raise ConfigError(
+            f"passkey.lengths {too_short} {'is' if len(too_short) == 1 else 'are'} shorter than the passkey prompt without "
+            f"filler (task, key sentence, question): {shortest} tokens of this tokenizer for these trials, the shortest "
+            f"length that works; use passkey.lengths of at least {shortest}, or passkey.enabled=false"
+        )
 
 
 def depth_bins(n_bins: int) -> list[tuple[float, float]]:
@@ -147,6 +167,7 @@ def evaluate_passkey(
     (tokens_per_batch defaults to the largest length). Dynamic YaRN scales for T + max_new_tokens on every
     forward of a prompt, cached or not.
     """
+    check_lengths(tokenizer, lengths, trials=trials, seed=seed, distractors=distractors)  # before the first forward
     prompts = PasskeyPrompts(tokenizer)
     all_trials = sample_trials(trials, seed, distractors)
     tokens_per_batch = tokens_per_batch or max(lengths)

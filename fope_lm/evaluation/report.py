@@ -1,21 +1,24 @@
 """Evaluation results as files: results.json (checked against fope_lm/schemas/results.schema.json), tables and plots
-of one run (results.csv / results.md / perplexity.png) or several overlaid (scripts/compare_results.py), and the
-wandb view of one evaluation. Everything reads the results dicts that results.json holds."""
+of one run (results.csv / results.md / perplexity.png) and the figures of several (fope_lm/evaluation/compare.py,
+scripts/compare_results.py), and the wandb view of one evaluation. Everything reads the results dicts that results.json holds."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global figure state or GUI backend
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 from fope_lm.checkpoint import write_json_atomic
 from fope_lm.errors import FopeError
+from fope_lm.nn.model import PRESETS
 from fope_lm.paths import PACKAGE_ROOT
 from fope_lm.tracking import WandbConfig, start_wandb
 
@@ -119,30 +122,194 @@ def results_markdown(results: dict) -> str:
 
 
 def plot_perplexity(runs: list[dict], path: str | Path, *, title: str = "Perplexity vs evaluation length") -> None:
-    """Log-log ppl vs length, one curve per run, a dashed vertical line at each training length."""
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
-    lengths = sorted({row["length"] for run in runs for row in run["perplexity"]})
-    for run in runs:
-        rows = sorted(run["perplexity"], key=lambda row: row["length"])
-        axes.plot([row["length"] for row in rows], [row["ppl"] for row in rows], marker="o", label=run["label"])
-    for train_len in sorted({run["train_seq_len"] for run in runs}):
-        axes.axvline(train_len, color="0.4", linestyle="--", linewidth=1, label=f"training length {train_len}")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.set_xticks(lengths, labels=[str(length) for length in lengths])
-    # ~6 round, geometrically spaced y ticks: a log axis within one decade would otherwise show one or two
-    values = [row["ppl"] for run in runs for row in run["perplexity"]]
-    y_ticks = sorted({float(f"{value:.2g}") for value in np.geomspace(min(values), max(values), 6)})
-    axes.set_yticks(y_ticks, labels=[format_value(tick) for tick in y_ticks])
-    axes.xaxis.set_minor_locator(NullLocator())
-    axes.yaxis.set_minor_locator(NullLocator())
-    axes.set_xlabel("evaluation length (tokens)")
-    axes.set_ylabel("perplexity")
-    axes.set_title(title)
-    axes.grid(True, which="major", alpha=0.3)
-    axes.legend()
+    """Log-log ppl vs length, one curve per run (by label), a dashed vertical line at each training length; the title
+    adds the model, data and training length (`setup_description`)."""
+    curves = [Curve(run["label"], [row["length"] for row in run["perplexity"]], [row["ppl"] for row in run["perplexity"]]) for run in runs]
+    figure = perplexity_figure(curves, train_lengths=[run["train_seq_len"] for run in runs], title=title, subtitle=setup_description(runs))
     figure.savefig(path, dpi=150, bbox_inches="tight")
+
+
+# --- figures fit for a paper ----------------------------------------------------------------------------------------
+@dataclass
+class Curve:
+    """One line of a figure: a value per length, and for a group of seeds the sample sd per length (a shaded band)."""
+
+    name: str
+    lengths: list[int]
+    values: list[float | None]
+    sd: list[float | None] | None = None
+
+    def points(self) -> list[tuple[int, float, float | None]]:
+        """(length, value, sd) by length, lengths without a value left out."""
+        sds = self.sd or [None] * len(self.values)
+        points = [(length, value, sd) for length, value, sd in zip(self.lengths, self.values, sds, strict=True) if value is not None]
+        return sorted(points, key=lambda point: point[0])
+
+
+COLOURS = [f"tab:{name}" for name in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+LINESTYLES = ["-", "--", "-.", ":"]
+
+
+def line_style(index: int) -> dict:
+    """A colour and a marker of their own for each of the first 10 curves (told apart in colour and in grey print);
+    curves 11-40 reuse them with another line style, so every (colour, marker, line style) differs."""
+    return {
+        "color": COLOURS[index % len(COLOURS)],
+        "marker": MARKERS[index % len(MARKERS)],
+        "linestyle": LINESTYLES[(index // len(COLOURS)) % len(LINESTYLES)],
+    }
+
+
+def readable_log_ticks(low: float, high: float, target: int = 5) -> list[float]:
+    """At least 3 round ticks within [low, high] (0 < low < high) for a log axis, whatever the range: 1-2-5 (or
+    denser) steps per decade over a wide range, evenly spaced round numbers (MaxNLocator) over a narrow one, where
+    per-decade ticks would leave one label (curves within a few percent of 1,000 once all showed "1,000")."""
+    if not 0 < low < high:
+        raise ValueError(f"log ticks need 0 < low < high, got {low}, {high}")
+    ticks: list[float] = []
+    if high / low >= 3:
+        decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        for subs in ((1,), (1, 2, 5), (1, 2, 3, 5, 7), tuple(range(1, 10))):
+            ticks = [float(m * 10.0**k) for k in decades for m in subs if low <= m * 10.0**k <= high]
+            if len(ticks) >= 3:
+                return ticks
+    for bins in range(target, 4 * target):
+        values = MaxNLocator(nbins=bins, steps=[1, 2, 2.5, 5, 10], min_n_ticks=3).tick_values(low, high)
+        ticks = [float(value) for value in values if low <= value <= high]
+        if len(ticks) >= 3:
+            return ticks
+    return ticks
+
+
+def tick_labels(ticks: list[float]) -> list[str]:
+    """Labels with as few decimals as show each tick exactly (so distinct ticks get distinct labels), thousands
+    separated: 1,000 / 1,010 / 1,020; 7.5 / 8 / 8.5 shown as 7.5 / 8.0 / 8.5."""
+    for decimals in range(7):
+        if all(abs(round(tick, decimals) - tick) <= 1e-9 * max(1.0, abs(tick)) for tick in ticks):
+            break
+    return [f"{tick:,.{decimals}f}" for tick in ticks]
+
+
+def length_label(length: int) -> str:
+    return f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
+
+
+def _length_axis(axes, lengths: list[int], train_lengths: list[int]) -> None:
+    for index, train_len in enumerate(sorted(set(train_lengths))):
+        style = LINESTYLES[1:][index % 3]
+        axes.axvline(train_len, color="0.35", linestyle=style, linewidth=1, label=f"training length {train_len}", zorder=1)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(lengths, labels=[length_label(length) for length in lengths])
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xlabel("evaluation length (tokens)")
+
+
+def _title(axes, title: str, subtitle: str | None) -> None:
+    text = title if not subtitle else f"{title}\n" + "\n".join(textwrap.wrap(subtitle, 90))
+    axes.set_title(text, fontsize="medium")
+
+
+def perplexity_figure(curves: list[Curve], *, train_lengths: list[int], title: str, subtitle: str | None = None) -> Figure:
+    """ppl vs length on log-log axes: each curve its own colour and marker, a shaded +-sd band for a seed group,
+    readable y ticks at any range (`readable_log_ticks`), the training length(s) dashed, the legend outside the axes."""
+    figure = Figure(figsize=(6.5, 4.5))  # the legend beside it: savefig(bbox_inches="tight") widens the image, not the axes narrower
+    axes = figure.subplots()
+    lows, highs = [], []
+    for index, curve in enumerate(curves):
+        points = curve.points()
+        if not points:
+            continue
+        lengths, values = [p[0] for p in points], [p[1] for p in points]
+        axes.plot(lengths, values, label=curve.name, linewidth=1.6, markersize=5, zorder=3, **line_style(index))
+        lows.append(min(values))
+        highs.append(max(values))
+        if any(p[2] for p in points):
+            lower = [value - (sd or 0.0) for _, value, sd in points]
+            upper = [value + (sd or 0.0) for _, value, sd in points]
+            axes.fill_between(lengths, lower, upper, color=line_style(index)["color"], alpha=0.18, linewidth=0, zorder=2)
+            lows.append(min(v for v in lower if v > 0) if any(v > 0 for v in lower) else min(values))
+            highs.append(max(upper))
+    lengths = sorted({length for curve in curves for length in curve.lengths})
+    _length_axis(axes, lengths, train_lengths)
+    axes.set_yscale("log")
+    low, high = (min(lows), max(highs)) if lows else (1.0, 10.0)
+    if high <= low * (1 + 1e-6):  # flat: a 1% window around the value
+        low, high = low / 1.01, high * 1.01
+    pad = (high / low) ** 0.06  # 6% of the (log) range on either side: no curve on the frame
+    low, high = low / pad, high * pad
+    ticks = readable_log_ticks(low, high)
+    axes.set_yticks(ticks, labels=tick_labels(ticks))
+    axes.yaxis.set_minor_locator(NullLocator())
+    axes.set_ylim(low, high)
+    axes.set_ylabel("perplexity")
+    _title(axes, title, subtitle)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False, fontsize="small")
+    return figure
+
+
+def passkey_figure(
+    panels: list[tuple[str, list[Curve]]], *, train_lengths: list[int], chance: float | None, title: str, subtitle: str | None = None
+) -> Figure:
+    """Passkey accuracy vs length, one panel per score (greedy, teacher-forced), the same style per run as the
+    perplexity figure, +-sd bands for seed groups and the teacher-forced chance level dotted."""
+    figure = Figure(figsize=(10, 4.2))
+    axes_list = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    figure.subplots_adjust(top=0.8, wspace=0.08)  # room for the two-line title above the panels' own
+    for axes, (panel_title, curves) in zip(axes_list, panels, strict=True):
+        for index, curve in enumerate(curves):
+            points = curve.points()
+            if not points:
+                continue
+            lengths, values = [p[0] for p in points], [p[1] for p in points]
+            axes.plot(lengths, values, label=curve.name, linewidth=1.6, markersize=5, zorder=3, **line_style(index))
+            if any(p[2] for p in points):
+                lower = [max(0.0, value - (sd or 0.0)) for _, value, sd in points]
+                upper = [min(1.0, value + (sd or 0.0)) for _, value, sd in points]
+                axes.fill_between(lengths, lower, upper, color=line_style(index)["color"], alpha=0.18, linewidth=0, zorder=2)
+        lengths = sorted({length for curve in curves for length in curve.lengths})
+        _length_axis(axes, lengths, train_lengths)
+        if chance is not None and "teacher" in panel_title:
+            axes.axhline(chance, color="0.5", linestyle=":", linewidth=1, label=f"chance {chance:.2f}")
+        axes.set_ylim(-0.03, 1.03)
+        axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0], labels=["0", "0.25", "0.5", "0.75", "1"])
+        axes.set_title(panel_title, fontsize="medium")
+        axes.grid(True, which="major", alpha=0.3)
+    axes_list[0].set_ylabel("passkey accuracy")
+    figure.suptitle(title if not subtitle else f"{title}\n" + "\n".join(textwrap.wrap(subtitle, 120)), fontsize="medium")
+    handles, labels = axes_list[-1].get_legend_handles_labels()
+    axes_list[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False, fontsize="small")
+    return figure
+
+
+def model_description(results: dict) -> str:
+    """ "60m (d_model 512, 8 layers, 85.1M params)": the preset whose shape the checkpoint's config has (when one
+    does), its width and depth, and the parameter count."""
+    config, n_parameters = results["model"]["config"], results["model"]["n_parameters"]
+    params = f"{n_parameters / 1e6:.1f}M params"
+    if "d_model" not in config or "n_layers" not in config:
+        return f"model of {params}"
+    preset = next((name for name, shape in PRESETS.items() if all(config.get(key) == value for key, value in shape.items())), None)
+    shape = f"d_model {config['d_model']}, {config['n_layers']} layers, {params}"
+    return f"{preset} ({shape})" if preset else shape
+
+
+def setup_description(runs: list[dict]) -> str:
+    """What the runs are: model(s), data name(s), training length(s) and checkpoint step(s), for a title."""
+
+    def distinct(values) -> str:
+        return " / ".join(str(value) for value in dict.fromkeys(values))
+
+    steps = [run["step"] for run in runs if run["step"] is not None]
+    parts = [
+        distinct(model_description(run) for run in runs),
+        f"data {distinct(run['data']['name'] for run in runs)}",
+        f"training length {distinct(sorted(run['train_seq_len'] for run in runs))}",
+    ]
+    if steps:
+        parts.append(f"step {distinct(sorted(steps))}")
+    return "; ".join(parts)
 
 
 # --- a results dir ---------------------------------------------------------------------------------------------

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from fope_lm.checkpoint import checkpoint_metadata, load_model, read_model_config
-from fope_lm.data import TokenData, ValidationTokens, ensure_prepared, load_tokenizer
+from fope_lm.data import DataConfig, TokenData, ValidationTokens, load_tokenizer
+from fope_lm.data.format import is_prepared
 from fope_lm.devices import device_name, resolve_autocast, resolve_device
+from fope_lm.errors import DataError
 from fope_lm.evaluation import report
 from fope_lm.evaluation.config import EvalConfig
-from fope_lm.evaluation.passkey import evaluate_passkey
+from fope_lm.evaluation.passkey import check_lengths, evaluate_passkey
 from fope_lm.evaluation.perplexity import per_document_perplexity, perplexity_by_length, sliding_window_perplexity
 from fope_lm.provenance import git_sha, package_versions
-from fope_lm.run_dir import eval_dir, resolve_checkpoint
+from fope_lm.run_dir import eval_dir, recorded_data_dir, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +40,13 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     encoding = trained.pe_spec.with_eval_scaling(cfg.scaling, max_seq_len=trained.max_seq_len)
     model = load_model(checkpoint_dir, device=device, pe_options=encoding.options)
     model.set_attention(cfg.attention, device)
-    data = TokenData(ensure_prepared(cfg.data))
-    data.check_vocab(model.config.vocab_size)
     training_fingerprint = metadata.get("data_fingerprint")
-    if training_fingerprint not in (None, data.fingerprint):
-        logger.warning(
-            f"{data.dir} is not the data {checkpoint_dir} was trained on (fingerprint {training_fingerprint[:12]}): "
-            "check that both use the same tokenizer"
-        )
+    data, data_source = eval_data(cfg, checkpoint_dir, training_fingerprint)
+    data.check_vocab(model.config.vocab_size)
+    tokenizer = None
+    if cfg.passkey.enabled:  # lengths too short for the prompt fail now, not after every perplexity length has run
+        tokenizer = load_tokenizer(str(data.tokenizer_dir))
+        check_lengths(tokenizer, cfg.passkey.lengths, trials=cfg.passkey.trials, seed=cfg.passkey.seed, distractors=cfg.passkey.distractors)
     label = cfg.label or encoding.label()
     ppl_cfg = cfg.perplexity
     logger.info(f"evaluating {checkpoint_dir} as {label!r} on {data.dir} ({device_name(device)})")
@@ -80,7 +81,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
             "max_new_tokens": options.max_new_tokens,
             "lengths": evaluate_passkey(
                 model,
-                load_tokenizer(str(data.tokenizer_dir)),
+                tokenizer,
                 list(options.lengths),
                 trials=options.trials,
                 seed=options.seed,
@@ -110,6 +111,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
             "name": data.metadata["name"],
             "fingerprint": data.fingerprint,
             "training_fingerprint": training_fingerprint,
+            "source": data_source,
             "split": "validation",
             "tokens_available": data.num_tokens("validation"),
             "tokens_evaluated": tokens_evaluated,
@@ -131,6 +133,38 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     }
     report.validate_results(results)
     return results
+
+
+def eval_data(cfg: EvalConfig, checkpoint_dir: Path, training_fingerprint: str | None) -> tuple[TokenData, str]:
+    """(the data to evaluate on, where the choice came from): "checkpoint", the data dir the checkpoint records
+    (`recorded_data_dir`: its metadata, else its run's run_info.json), unless `cfg.data` names other data ("config":
+    data=<name> or data.dir=PATH)."""
+    if not cfg.checkpoint_data:
+        data = TokenData.from_config(cfg.data)
+        if training_fingerprint not in (None, data.fingerprint):
+            logger.warning(
+                f"{data.dir} is not the data {checkpoint_dir} was trained on (fingerprint {training_fingerprint[:12]}): "
+                "check that both use the same tokenizer"
+            )
+        return data, "config"
+    point = "point eval at the data with data.dir=/path/to/prepared/dir (or data=<name of a configs/data/*.yaml>)"
+    if (recorded := recorded_data_dir(checkpoint_dir)) is None:
+        raise DataError(
+            f"{checkpoint_dir} does not record the data it was trained on (neither its metadata nor its run's "
+            f"run_info.json names a data dir): {point}"
+        )
+    data_dir, named_in = recorded
+    if not is_prepared(Path(data_dir)):
+        gone = "holds no metadata.json" if Path(data_dir).is_dir() else "no longer exists"
+        raise DataError(f"{data_dir}, the data {checkpoint_dir} was trained on (named in {named_in}), {gone}: {point}")
+    data = TokenData.from_config(DataConfig.of_prepared_dir(data_dir))
+    if training_fingerprint not in (None, data.fingerprint):
+        raise DataError(
+            f"{data_dir}, the data {checkpoint_dir} was trained on (named in {named_in}), has fingerprint {data.fingerprint[:12]}, "
+            f"the checkpoint records {training_fingerprint[:12]}: it was re-prepared since; {point}, or data.dir={data_dir} "
+            "to evaluate it as it is now"
+        )
+    return data, "checkpoint"
 
 
 def output_dir_for(cfg: EvalConfig, results: dict) -> Path:

@@ -174,6 +174,15 @@ def token_file_sequences(path: str | Path, length: int, n_sequences: int, *, voc
 
 def plot_spectra(path, omega, energy, *, max_seq_len, pe_frequencies, fractions, title) -> None:
     """One panel per layer: heads x frequency, colour = the share of that head's energy in each bin (log)."""
+    import matplotlib.pyplot as plt
+
+    fig = spectra_figure(omega, energy, max_seq_len=max_seq_len, pe_frequencies=pe_frequencies, fractions=fractions, title=title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def spectra_figure(omega, energy, *, max_seq_len, pe_frequencies, fractions, title):
+    """plot_spectra's figure (open: the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,10 +210,37 @@ def plot_spectra(path, omega, energy, *, max_seq_len, pe_frequencies, fractions,
         ax.set_ylabel(f"L{layer} head", fontsize=7)
         ax.set_title(f"layer {layer}: {fractions[layer]:.1%} of the energy below 2π/L", fontsize=7, loc="left", pad=2)
     axes[-1, 0].set_xlabel(f"ω (rad/token).  red: 2π/L, L={max_seq_len}.  cyan: the PE's own ω ({marks.size} in range)")
-    fig.suptitle(title, fontsize=9)
     fig.colorbar(mesh, ax=axes[:, 0].tolist(), label="share of the head's spectral energy", fraction=0.03)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    fit_suptitle(fig, title, fontsize=9)
+    return fig
+
+
+def fit_suptitle(fig, text: str, *, fontsize: float, min_fontsize: float = 5.0) -> None:
+    """fig.suptitle(text) within the figure's width: wrapped at spaces (measured by the figure's renderer, so as
+    drawn), and, where one word is wider than the figure, in a smaller font down to `min_fontsize`. Its lines grow
+    upwards from just above the panels (and their titles), so that they never overlap them (savefig's
+    bbox_inches="tight" takes in any height above the figure)."""
+    renderer = fig.canvas.get_renderer()
+    limit = 0.96 * fig.bbox.width
+    panels_top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes) if fig.axes else fig.bbox.height
+    title = fig.suptitle("", fontsize=fontsize, y=(panels_top + 6) / fig.bbox.height, va="bottom")
+    if not text.split():
+        return
+
+    def width(line: str) -> float:
+        title.set_text(line)
+        return title.get_window_extent(renderer).width
+
+    widest = max(width(word) for word in text.split())
+    if widest > limit:
+        title.set_fontsize(max(min_fontsize, fontsize * limit / widest))
+    lines: list[str] = []
+    for word in text.split():
+        if lines and width(f"{lines[-1]} {word}") <= limit:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    title.set_text("\n".join(lines))
 
 
 def analyze_checkpoint(

@@ -1,8 +1,10 @@
 """Export a checkpoint as a self-contained Hugging Face model directory (scripts/export_hf.py; docs/hf_export.md).
 
-    <out>/config.json             FopeConfig: every ModelConfig field (PE and its options) + auto_map
+    <out>/config.json             FopeConfig: every ModelConfig field (PE and its options), max_position_embeddings,
+                                  the tokenizer's bos / eos / pad ids, auto_map
     <out>/model.safetensors       the Transformer's tensors under `model.` (FoPE coefficients included)
-    <out>/generation_config.json  EOS / pad ids, and the padded vocabulary rows suppressed
+    <out>/generation_config.json  bos / eos / pad ids, and the padded vocabulary rows suppressed
+    <out>/README.md               the model card (fope_lm.hf.card): PE, training length, data, steps, evals, usage
     <out>/configuration_fope.py, modeling_fope.py   this package's files, their fope_lm imports pointed at:
     <out>/fope_core.py            fope_lm's model sources (model, attention, position/*, generate, errors),
                                   bundled into one module by `bundle_source` from the installed package
@@ -17,22 +19,36 @@ from __future__ import annotations
 import ast
 import importlib.machinery
 import importlib.util
+import logging
 import pkgutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fope_lm.checkpoint import load_model
 from fope_lm.data.format import TOKENIZER_DIR
 from fope_lm.errors import FopeError
+from fope_lm.hf.card import CARD_FILE, ExportInfo, model_card
 from fope_lm.hf.configuration_fope import FopeConfig
-from fope_lm.hf.llama import export_llama, generation_config_for, load_tokenizer, native_rope_parameters, refuse_remote_code
+from fope_lm.hf.llama import (
+    LlamaConversionError,
+    export_llama,
+    generation_config_for,
+    load_tokenizer,
+    native_max_position_embeddings,
+    native_rope_parameters,
+    refuse_remote_code,
+    special_token_ids,
+)
 from fope_lm.hf.modeling_fope import FopeForCausalLM
 from fope_lm.hf.outputs import check_output_dir, staged_output
 from fope_lm.nn.model import Transformer
 from fope_lm.position import llama_native_summary
 from fope_lm.provenance import git_sha
 from fope_lm.run_dir import recorded_data_dir, resolve_checkpoint
+
+log = logging.getLogger(__name__)
 
 PACKAGE = "fope_lm"
 SHIPPED = ("configuration_fope", "modeling_fope")  # modules of fope_lm.hf copied into the export
@@ -47,31 +63,44 @@ FORMATS = ("auto", "native", "remote")
 
 
 def export_hf(
-    checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None, format: str = "auto", overwrite: bool = False
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    format: str = "auto",
+    overwrite: bool = False,
+    max_position_embeddings: int | None = None,
 ) -> Path:
     """Write the export of `checkpoint` (a checkpoint dir, or a run dir: its newest checkpoint) into `out_dir`.
 
     tokenizer: a dir AutoTokenizer loads (never with its own code); default the tokenizer of the data the checkpoint
-    was trained on (or an imported checkpoint's own tokenizer/).
+    was trained on (or an imported checkpoint's own tokenizer/). A checkpoint that records no data, without
+    `tokenizer`, exports without one (a warning): config.json's bos/eos/pad ids are then null and generation_config.json
+    holds only the suppressed padded rows.
     format: native (a LlamaForCausalLM directory, no Python files: `position.llama_native_summary()`),
     remote (remote code: every PE), auto (native when an exact equivalent exists, else remote).
     overwrite: replace a non-empty `out_dir`. `out_dir` is never a checkpoint or a run's (fope_lm.hf.outputs), and is
     written whole or not at all.
+    max_position_embeddings: the longest context the export declares (config.json; lm-evaluation-harness's default
+    max_length); default `EncodingSpec.serving_length`: the training length, L0 x s for static length scaling,
+    16 x L0 for dynamic scaling. A native dynamic-NTK export holds L0 there whatever it serves (transformers reads it).
     """
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
+    if max_position_embeddings is not None and max_position_embeddings < 1:
+        raise ExportError(f"--max-position-embeddings must be a positive number of tokens, got {max_position_embeddings}")
     checkpoint = resolve_checkpoint(checkpoint)
     check_output_dir(out_dir, overwrite=overwrite, sources=[checkpoint])  # before anything is loaded
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else recorded_tokenizer_dir(checkpoint)
-    if tokenizer_dir is None:
-        raise ExportError(f"{checkpoint} records no training data (no data_dir in its metadata or run_info.json): pass --tokenizer DIR")
-    refuse_remote_code(tokenizer_dir, "tokenizer", "pass --tokenizer DIR with a standard tokenizer (tokenizer.json)", ExportError)
-    try:
-        tok = load_tokenizer(tokenizer_dir)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot load a tokenizer from {tokenizer_dir}: {str(exc).splitlines()[0]}") from None
+    tok = None
+    if tokenizer_dir is not None:
+        refuse_remote_code(tokenizer_dir, "tokenizer", "pass --tokenizer DIR with a standard tokenizer (tokenizer.json)", ExportError)
+        try:
+            tok = load_tokenizer(tokenizer_dir)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot load a tokenizer from {tokenizer_dir}: {str(exc).splitlines()[0]}") from None
     model = load_model(checkpoint)
-    if len(tok) > model.config.vocab_size:
+    if tok is not None and len(tok) > model.config.vocab_size:
         raise ExportError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, more than the model's vocab_size {model.config.vocab_size}")
     native = native_rope_parameters(model.config) is not None
     if format == "native" and not native:
@@ -79,26 +108,53 @@ def export_hf(
             f"{checkpoint} uses pe {model.config.pe!r} {model.config.pe_options or ''}, which transformers has no native equivalent of "
             f"(native: {llama_native_summary()}): export it with --format remote (or auto)"
         )
-    with staged_output(out_dir, overwrite=overwrite, sources=[checkpoint, tokenizer_dir]) as staging:  # a data dir too
-        if native and format != "remote":
-            export_llama(model, staging, tok)
+    native = native and format != "remote"
+    serving = max_position_embeddings or model.config.pe_spec.serving_length(max_seq_len=model.config.max_seq_len)
+    declared = serving
+    if native:
+        try:
+            declared = native_max_position_embeddings(model.config, serving, requested=max_position_embeddings is not None)
+        except LlamaConversionError as exc:
+            raise ExportError(str(exc)) from None
+    if tok is None:
+        log.warning(
+            "%s records no training data and no --tokenizer was passed: exporting weights and config without a tokenizer; "
+            "config.json's bos/eos/pad ids are null and generation_config.json holds only suppress_tokens (the padded "
+            "vocabulary rows). Pass --tokenizer DIR for an export that tokenizes, generates and stops at EOS",
+            checkpoint,
+        )
+    info = ExportInfo(
+        checkpoint=checkpoint, out_dir=Path(out_dir), format="native" if native else "remote", tokenizer_dir=tokenizer_dir,
+        max_position_embeddings=declared, serving_length=serving,
+    )  # fmt: skip
+    sources = [checkpoint] + ([tokenizer_dir] if tokenizer_dir is not None else [])
+    with staged_output(out_dir, overwrite=overwrite, sources=sources) as staging:  # a data dir too
+        if native:
+            export_llama(model, staging, tok, max_position_embeddings=declared)
         else:
-            write_remote(model, staging, tok)
+            write_remote(model, staging, tok, max_position_embeddings=declared)
+        (staging / CARD_FILE).write_text(model_card(model, info))
     return Path(out_dir)
 
 
-def write_remote(model: Transformer, out_dir: Path, tok) -> None:
-    """The remote-code export of `model` (every PE) into the fresh directory `out_dir`."""
-    config = FopeConfig(  # type: ignore[call-arg]  # PreTrainedConfig takes any keyword
+def write_remote(model: Transformer, out_dir: Path, tok, *, max_position_embeddings: int | None = None) -> None:
+    """The remote-code export of `model` (every PE) into the fresh directory `out_dir`, with the tokenizer `tok` (or none).
+    config.json holds every ModelConfig field, transformers' standard names (FopeConfig), max_position_embeddings
+    (default `EncodingSpec.serving_length`) and the tokenizer's bos/eos/pad ids."""
+    values: dict[str, Any] = {
         **model.config.to_dict(),
-        auto_map={"AutoConfig": "configuration_fope.FopeConfig", "AutoModelForCausalLM": "modeling_fope.FopeForCausalLM"},
-    )
+        "max_position_embeddings": max_position_embeddings or model.config.pe_spec.serving_length(max_seq_len=model.config.max_seq_len),
+        **special_token_ids(tok),
+        "auto_map": {"AutoConfig": "configuration_fope.FopeConfig", "AutoModelForCausalLM": "modeling_fope.FopeForCausalLM"},
+    }
+    config = FopeConfig(**values)  # PreTrainedConfig takes any keyword
     with torch.device("meta"):
         hf_model = FopeForCausalLM(config)
     hf_model.model = model  # the loaded Transformer, weights and all
     hf_model.generation_config = generation_config_for(model.config, tok)
     hf_model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    if tok is not None:
+        tok.save_pretrained(out_dir)
     write_code(out_dir)
 
 

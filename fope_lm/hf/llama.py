@@ -1,12 +1,14 @@
 """This project's architecture and Hugging Face's `LlamaForCausalLM` are the same network: pre-norm RMSNorm with
 weights, SwiGLU, no biases, half-split rotary, grouped-query attention, tied or untied head. This module converts
-between them exactly, and refuses what it cannot represent exactly (never an approximation):
+between them exactly, and refuses what it cannot represent exactly (never an approximation), naming what is missing:
 
-  import  a local LlamaForCausalLM directory -> a checkpoint dir that load_model, eval.py and init_from= accept,
+  import  a local LlamaForCausalLM directory (or a MistralForCausalLM without a sliding window, which is a Llama)
+          -> a checkpoint dir that load_model, eval.py and init_from= accept,
           optionally swapping the rotary part for another position encoding (`--pe fope`: RoPE's frequencies below
           2 pi / L clipped, FoPE's coefficients identity + noise), with the tokenizer copied beside it;
   export  a checkpoint whose encoding transformers has natively (rope; YaRN, linear and dynamic-NTK scaling as
-          `rope_parameters`) -> a LlamaForCausalLM directory with no Python files.
+          `rope_parameters`, and as transformers 4.x's `rope_scaling` + `rope_theta`) -> a LlamaForCausalLM directory
+          with no Python files.
 
 Weights: q, k, v projections are our fused `qkv` (queries, then keys, then values); gate and up projections our
 fused `up` (value half first: up_proj, then gate_proj); names otherwise map one to one.
@@ -20,7 +22,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from fope_lm.checkpoint import SOURCE_CONFIG, save_model
 from fope_lm.data.format import TOKENIZER_DIR
@@ -35,22 +37,62 @@ IMPORT_EXAMPLE = "runs/NAME"  # where an import's output dir goes, in error mess
 CONFIG_FILE_HF = "config.json"
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # torch.save / pickle files, never loaded
 
+# model_type -> (architecture, config class, model class): the Llama-architecture models, whose weights have a
+# Llama's names and compute a Llama's function (Mistral: a Llama with an optional sliding window, refused when set)
+IMPORTABLE: dict[str, tuple[str, type[LlamaConfig | MistralConfig], type[LlamaForCausalLM | MistralForCausalLM]]] = {
+    "llama": ("LlamaForCausalLM", LlamaConfig, LlamaForCausalLM),
+    "mistral": ("MistralForCausalLM", MistralConfig, MistralForCausalLM),
+}
+SUPPORTED = (
+    "only Llama-architecture models import exactly (LlamaForCausalLM, model_type llama; MistralForCausalLM without a sliding window)"
+)
+NEAREST = "a Llama-architecture model (SmolLM, TinyLlama, Llama 2/3) imports; --pe does not help (it replaces only the rotary part)"
+
 
 class LlamaConversionError(FopeError):
     """A model, directory or option that has no exact equivalent on the other side."""
 
 
 # --- import --------------------------------------------------------------------------------------------------
-def read_llama_config(source: Path) -> LlamaConfig:
-    """The LlamaConfig of a local model directory, or a one-line error naming what is missing or not Llama."""
+def missing_features(raw: dict) -> list[str]:
+    """What fope_lm's architecture lacks for the known near-Llama architectures of a config.json (empty for others,
+    which are refused by name)."""
+    model_type, found = raw.get("model_type"), []
+    if model_type == "qwen2":  # Qwen2Attention: q/k/v projections with bias=True whatever the config says
+        found.append("biases on its q/k/v projections (Qwen2 always has them)")
+    if model_type == "qwen3":  # Qwen3Attention: an RMSNorm over each head's queries and keys
+        found.append("q/k normalisation (an RMSNorm on each head's queries and keys)")
+    if model_type == "qwen3" and raw.get("attention_bias"):
+        found.append("attention_bias=true (biases on q/k/v/o)")
+    if model_type in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+        found.append(f"a sliding window (use_sliding_window=true, sliding_window={raw.get('sliding_window')})")
+    return found
+
+
+def read_llama_config(source: Path) -> LlamaConfig | MistralConfig:
+    """The config of a local Llama-architecture model directory (LlamaConfig, or MistralConfig), or a one-line error
+    naming what is missing, what the model has that fope_lm cannot represent, and what imports instead."""
     if not source.is_dir():
         raise LlamaConversionError(f"{source} is not a directory: pass a local Hugging Face model directory (config.json + weights)")
     if not (source / CONFIG_FILE_HF).is_file():
         raise LlamaConversionError(f"{source} has no {CONFIG_FILE_HF}: it is not a Hugging Face model directory")
     raw = json.loads((source / CONFIG_FILE_HF).read_text())
-    if raw.get("model_type") != "llama" or "LlamaForCausalLM" not in raw.get("architectures", ["LlamaForCausalLM"]):
-        kind = raw.get("model_type") or raw.get("architectures")
-        raise LlamaConversionError(f"{source} holds a {kind!r} model: only LlamaForCausalLM (model_type llama) imports exactly")
+    model_type = raw.get("model_type")
+    importable = IMPORTABLE.get(model_type)
+    if importable is None or importable[0] not in raw.get("architectures", [importable[0]]):
+        kind = model_type or raw.get("architectures")
+        architectures = f" ({', '.join(raw['architectures'])})" if isinstance(raw.get("architectures"), list) else ""
+        if missing := missing_features(raw):
+            raise LlamaConversionError(
+                f"{source} holds a {kind!r} model{architectures} with {' and '.join(missing)}, which fope_lm's architecture "
+                f"cannot represent: {SUPPORTED}; {NEAREST}"
+            )
+        raise LlamaConversionError(f"{source} holds a {kind!r} model{architectures}: {SUPPORTED}; {NEAREST}")
+    config = importable[1].from_pretrained(str(source), trust_remote_code=False)
+    try:  # what the architecture cannot represent, refused before the weights are looked at
+        model_config_from_llama(config)
+    except LlamaConversionError as exc:
+        raise LlamaConversionError(f"{source}: {exc}") from None
     if not any(source.glob("*.safetensors")):
         if pickles := sorted(path.name for pattern in PICKLE_WEIGHTS for path in source.glob(pattern)):
             raise LlamaConversionError(
@@ -59,7 +101,7 @@ def read_llama_config(source: Path) -> LlamaConfig:
                 f"LlamaForCausalLM.from_pretrained({str(source)!r}).save_pretrained({str(source)!r}, safe_serialization=True)"
             )
         raise LlamaConversionError(f"{source} has no weights (*.safetensors)")
-    return LlamaConfig.from_pretrained(str(source), trust_remote_code=False)
+    return config
 
 
 def remote_code(directory: Path) -> list[str]:
@@ -93,8 +135,9 @@ def load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
 
 
-def model_config_from_llama(llama: LlamaConfig, *, max_seq_len: int | None = None) -> ModelConfig:
-    """Our ModelConfig of a LlamaConfig, with RoPE (and its rope scaling) as the position encoding."""
+def model_config_from_llama(llama: LlamaConfig | MistralConfig, *, max_seq_len: int | None = None) -> ModelConfig:
+    """Our ModelConfig of a LlamaConfig (or a MistralConfig), with RoPE (and its rope scaling) as the position encoding;
+    a one-line error naming what the architecture cannot represent."""
     unsupported = [
         what
         for what, present in (
@@ -102,12 +145,18 @@ def model_config_from_llama(llama: LlamaConfig, *, max_seq_len: int | None = Non
             ("mlp_bias=true (biases in the MLP)", getattr(llama, "mlp_bias", False)),
             (f"hidden_act={llama.hidden_act!r} (SwiGLU needs silu)", llama.hidden_act != "silu"),
             (f"head_dim={getattr(llama, 'head_dim', None)} != hidden_size / num_attention_heads", _custom_head_dim(llama)),
-            ("a sliding window", getattr(llama, "sliding_window", None) is not None),
+            (
+                f"a sliding window (sliding_window={getattr(llama, 'sliding_window', None)})",
+                getattr(llama, "sliding_window", None) is not None,
+            ),
         )
         if present
     ]
     if unsupported:
-        raise LlamaConversionError(f"this Llama model has {', '.join(unsupported)}, which fope_lm's architecture cannot represent")
+        fix = "; only a Mistral trained without one (sliding_window null) is a Llama and imports" if llama.model_type == "mistral" else ""
+        raise LlamaConversionError(
+            f"this {llama.model_type} model has {', '.join(unsupported)}, which fope_lm's architecture cannot represent{fix}; {NEAREST}"
+        )
     rope = dict(getattr(llama, "rope_parameters", None) or {})
     try:  # the position encoding asks for what it can represent exactly
         encoding = EncodingSpec.of_rope_parameters(rope, max_position_embeddings=llama.max_position_embeddings)
@@ -131,15 +180,16 @@ def model_config_from_llama(llama: LlamaConfig, *, max_seq_len: int | None = Non
     )
 
 
-def _custom_head_dim(llama: LlamaConfig) -> bool:
+def _custom_head_dim(llama: LlamaConfig | MistralConfig) -> bool:
     head_dim = getattr(llama, "head_dim", None)
     return head_dim is not None and head_dim != llama.hidden_size // llama.num_attention_heads
 
 
 def import_llama(source: str | Path, out_dir: str | Path, *, pe: str | None = None, pe_options: dict | None = None,
                  max_seq_len: int | None = None, seed: int = 0, overwrite: bool = False) -> Path:  # fmt: skip
-    """Convert a local LlamaForCausalLM directory into a checkpoint dir (model.safetensors, model_config.json, the
-    source's config.json as source_config.json, tokenizer/). Without `pe` the model is RoPE with the source's base
+    """Convert a local LlamaForCausalLM directory (or a MistralForCausalLM without a sliding window) into a checkpoint
+    dir (model.safetensors, model_config.json, the source's config.json as source_config.json, tokenizer/). Without
+    `pe` the model is RoPE with the source's base
     and scaling, and its logits equal the source's; with `pe` the rotary part is that encoding (its own state freshly
     initialised: FoPE's coefficients identity + noise, clipped at 2 pi / max_seq_len), everything else carried.
 
@@ -160,8 +210,9 @@ def import_llama(source: str | Path, out_dir: str | Path, *, pe: str | None = No
     torch.manual_seed(seed)
     with torch.device("meta"):
         Transformer(config)  # options checked before the weights are read
+    _, _, model_class = IMPORTABLE[llama_config.model_type]
     try:
-        llama = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+        llama = model_class.from_pretrained(str(source), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as exc:
         raise LlamaConversionError(f"cannot load the weights of {source}: {_first_line(exc)}") from None
     model = Transformer(config)  # PE state (FoPE's coefficients) initialised here, from `seed`
@@ -224,14 +275,35 @@ def native_rope_parameters(config: ModelConfig) -> dict | None:
     return None if native is None else native[0]
 
 
-def llama_config_of(config: ModelConfig) -> LlamaConfig:
-    """The LlamaConfig of a model whose encoding has a native equivalent (LlamaConversionError otherwise)."""
-    native = config.pe_spec.llama_rope(theta=config.rope_theta, max_seq_len=config.max_seq_len)
+def native_max_position_embeddings(config: ModelConfig, serving_length: int, *, requested: bool) -> int:
+    """The max_position_embeddings of a native export that serves `serving_length` tokens: that length, except where
+    transformers' rope_type reads max_position_embeddings as the original length (dynamic NTK: L0), which it must
+    then hold; a length asked for (`requested`) that it cannot hold is a one-line error."""
+    native = config.pe_spec.llama_native(theta=config.rope_theta, max_seq_len=config.max_seq_len)
+    if native is None or not native.reads_max_position_embeddings:
+        return serving_length
+    if requested and serving_length != native.max_position_embeddings:
+        raise LlamaConversionError(
+            f"--max-position-embeddings {serving_length}: a native export of pe {config.pe!r} {config.pe_options} must hold "
+            f"max_position_embeddings={native.max_position_embeddings}, the original length transformers' rope_type "
+            f"{native.rope_parameters['rope_type']!r} scales from; pass the length to serve to lm_eval instead "
+            f"(--model_args ...,max_length={serving_length}), or export with --format remote"
+        )
+    return native.max_position_embeddings
+
+
+def llama_config_of(config: ModelConfig, *, max_position_embeddings: int | None = None, token_ids: dict | None = None) -> LlamaConfig:
+    """The LlamaConfig of a model whose encoding has a native equivalent (LlamaConversionError otherwise).
+
+    max_position_embeddings: what the config declares (default: what the encoding serves, `EncodingSpec.serving_length`;
+    dynamic NTK: L0, which transformers reads); token_ids: bos/eos/pad ids (`special_token_ids`; default: none)."""
+    native = config.pe_spec.llama_native(theta=config.rope_theta, max_seq_len=config.max_seq_len)
     if native is None:
         raise LlamaConversionError(
             f"pe {config.pe!r} with options {config.pe_options} has no native transformers equivalent: export it with --format remote"
         )
-    rope, max_position_embeddings = native
+    requested = max_position_embeddings is not None
+    serving = max_position_embeddings or config.pe_spec.serving_length(max_seq_len=config.max_seq_len)
     return LlamaConfig(
         vocab_size=config.padded_vocab_size,  # the padded rows stay (generation suppresses them)
         hidden_size=config.d_model,
@@ -239,16 +311,28 @@ def llama_config_of(config: ModelConfig) -> LlamaConfig:
         num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads,
         num_key_value_heads=config.kv_heads,
-        max_position_embeddings=max_position_embeddings,
+        max_position_embeddings=native_max_position_embeddings(config, serving, requested=requested),
         rms_norm_eps=config.norm_eps,
         initializer_range=config.init_std,
         tie_word_embeddings=config.tie_embeddings,
-        rope_parameters=rope,
+        rope_parameters=native.rope_parameters,
         attention_bias=False,
         mlp_bias=False,
         hidden_act="silu",
         architectures=["LlamaForCausalLM"],
+        **(token_ids if token_ids is not None else special_token_ids(None)),  # never LlamaConfig's own 1 / 2
     )
+
+
+def transformers4_keys(config: ModelConfig) -> dict:
+    """The keys transformers 4.x reads in place of `rope_parameters`: `rope_scaling` (null when unscaled) and
+    `rope_theta`. transformers 5 reads them too, `rope_scaling` over `rope_parameters`: they say the same. Exact from
+    4.43 for linear and dynamic NTK, from 4.51 for YaRN (4.43 to 4.50 ignore its original_max_position_embeddings and
+    read max_position_embeddings as the original length instead): docs/hf_export.md."""
+    native = config.pe_spec.llama_native(theta=config.rope_theta, max_seq_len=config.max_seq_len)
+    if native is None:
+        return {}
+    return {"rope_scaling": native.rope_scaling, "rope_theta": native.rope_theta}
 
 
 def state_to_llama(model: Transformer) -> dict[str, torch.Tensor]:
@@ -275,26 +359,51 @@ def state_to_llama(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, tensor in llama.items()}
 
 
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """bos_token_id, eos_token_id and pad_token_id of a tokenizer (pad: EOS where it has none), as config.json and
+    generation_config.json hold them; all None without a tokenizer."""
+    if tokenizer is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
+
+
 def generation_config_for(config: ModelConfig, tokenizer) -> GenerationConfig:
-    """The tokenizer's special ids, and the padded vocabulary rows (never real tokens) suppressed."""
+    """The tokenizer's special ids (`special_token_ids`), and the padded vocabulary rows (never real tokens)
+    suppressed. Without a tokenizer, only the suppressed rows."""
     padding_rows = list(range(config.vocab_size, config.padded_vocab_size))
-    return GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        suppress_tokens=padding_rows or None,
-    )
+    ids = {name: value for name, value in special_token_ids(tokenizer).items() if value is not None}
+    return GenerationConfig(**ids, suppress_tokens=padding_rows or None)
 
 
-def export_llama(model: Transformer, out_dir: Path, tokenizer) -> Path:
-    """Write `model` as a native LlamaForCausalLM directory (no Python files) with `tokenizer` into `out_dir`, a fresh
-    directory (export_hf stages it: fope_lm.hf.outputs)."""
+def export_llama(model: Transformer, out_dir: Path, tokenizer, *, max_position_embeddings: int | None = None) -> Path:
+    """Write `model` as a native LlamaForCausalLM directory (no Python files) with `tokenizer` (or none) into `out_dir`, a
+    fresh directory (export_hf stages it: fope_lm.hf.outputs). config.json holds the tokenizer's bos/eos/pad ids,
+    `max_position_embeddings` (`llama_config_of`), and transformers 4.x's `rope_scaling` and `rope_theta` beside
+    transformers 5's `rope_parameters`."""
+    config = llama_config_of(model.config, max_position_embeddings=max_position_embeddings, token_ids=special_token_ids(tokenizer))
     with torch.device("meta"):
-        llama = LlamaForCausalLM(llama_config_of(model.config))
+        llama = LlamaForCausalLM(config)
     llama.load_state_dict(state_to_llama(model), strict=True, assign=True)
     if model.config.tie_embeddings:
         llama.tie_weights()
     llama.generation_config = generation_config_for(model.config, tokenizer)
     llama.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    config_file = out_dir / CONFIG_FILE_HF
+    written = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**written, **transformers4_keys(model.config)}, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+        portable_tokenizer_class(out_dir)
     return out_dir
+
+
+def portable_tokenizer_class(directory: Path) -> None:
+    """transformers 5 saves a tokenizer.json-only tokenizer as class `TokenizersBackend`, which transformers 4.x has no
+    class of (AutoTokenizer refuses it); `PreTrainedTokenizerFast` loads the same tokenizer.json in both."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    settings = json.loads(path.read_text())
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        path.write_text(json.dumps({**settings, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2, sort_keys=True) + "\n")

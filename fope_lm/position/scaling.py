@@ -30,6 +30,9 @@ import torch
 from fope_lm.errors import ConfigError
 
 Length = int | torch.Tensor  # what dynamic scaling scales for: one length, or one per token (..., T, 1) float32
+# A dynamic scaling serves any length; an export declares this many times L0 as its longest context by default: the
+# range this project evaluates length generalisation over (the demo: 0.5x to 16x; YaRN's preset scale is 16).
+DYNAMIC_SERVING_FACTOR = 16
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Scaling:
 
     method: ClassVar[str]
     rope_type: ClassVar[str | None] = None  # transformers' rope_type that computes exactly this (with rope_parameters)
+    # whether that rope_type reads a Llama config's max_position_embeddings as the original length L0 (then a native
+    # export must hold `max_position_embeddings()` there, whatever length it serves)
+    rope_type_reads_max_position_embeddings: ClassVar[bool] = False
 
     def __init__(self, options: ScalingOptions):
         self.options = options
@@ -127,6 +133,14 @@ class Scaling:
         """A Llama config's max_position_embeddings for a model trained at max_seq_len with this scaling (what
         transformers' rope_type reads as its original length, where it reads one)."""
         return max_seq_len
+
+    def serving_length(self, max_seq_len: int) -> int:
+        """The longest context an export of a model trained at max_seq_len declares by default (its config's
+        max_position_embeddings, which lm-evaluation-harness and vLLM take as the longest input): the training length,
+        or L0 x s where a static scaling stretches L0 by s (YaRN s=4 at L=1024: 4096); a dynamic scaling has no such
+        bound and declares DYNAMIC_SERVING_FACTOR x L0."""
+        factor = DYNAMIC_SERVING_FACTOR if self.depends_on_length else self.scale
+        return max(max_seq_len, round(self.original_max_seq_len * factor))
 
 
 class NoScaling(Scaling):
@@ -243,6 +257,7 @@ class NtkScaling(Scaling):
 class DynamicNtkScaling(Scaling):
     method = "dynamic_ntk"
     rope_type = "dynamic"
+    rope_type_reads_max_position_embeddings = True  # transformers' dynamic grows the base past max_position_embeddings
 
     @property
     def depends_on_length(self) -> bool:

@@ -22,6 +22,20 @@ from fope_lm.position.scaling import SCALINGS, NoScaling, Scaling, ScalingOption
 
 
 @dataclass(frozen=True)
+class LlamaRope:
+    """The rotary settings of a Llama config.json that computes an encoding exactly, for the transformers versions
+    that read each: 5.x reads `rope_parameters` (rope_theta inside); 4.x reads `rope_scaling` (None when unscaled)
+    with `rope_theta` at the config's top level (5.x takes those too, and `rope_scaling` over `rope_parameters`, so
+    both say the same)."""
+
+    rope_parameters: dict[str, Any]
+    rope_scaling: dict[str, Any] | None
+    rope_theta: float
+    max_position_embeddings: int  # what the rope_type reads as the original length, where it reads one (else L)
+    reads_max_position_embeddings: bool  # the config must hold max_position_embeddings above (dynamic NTK: L0)
+
+
+@dataclass(frozen=True)
 class EncodingSpec:
     """A registered encoding and its options (plain values), checked. `eval_scaling`: length scaling applied at
     evaluation time on top of the trained encoding (its options already merged into `options`)."""
@@ -95,15 +109,34 @@ class EncodingSpec:
             raise ConfigError(f"eval-time length scaling rescales rotary encodings; this checkpoint uses {self.name!r}, which has none")
         return dataclasses.replace(self, options={**self.options, **scaling.pe_options()}, eval_scaling=scaling)
 
-    # --- Hugging Face: what transformers computes natively ------------------------------------------------------
+    # --- Hugging Face: the context an export serves, and what transformers computes natively ---------------------
+    def serving_length(self, *, max_seq_len: int) -> int:
+        """The longest context an export of this encoding, trained at max_seq_len, declares by default (its config's
+        max_position_embeddings): the training length, L0 x s for a static length scaling, DYNAMIC_SERVING_FACTOR x L0
+        for a dynamic one (`Scaling.serving_length`)."""
+        return self.scaling(max_seq_len=max_seq_len).serving_length(max_seq_len)
+
     def llama_rope(self, *, theta: float, max_seq_len: int) -> tuple[dict[str, Any], int] | None:
         """(transformers' rope_parameters, the Llama config's max_position_embeddings) for an exact native equivalent of
         this encoding, or None: only an encoding that is exactly Llama's rotary, with a scaling some rope_type computes."""
+        native = self.llama_native(theta=theta, max_seq_len=max_seq_len)
+        return None if native is None else (native.rope_parameters, native.max_position_embeddings)
+
+    def llama_native(self, *, theta: float, max_seq_len: int) -> LlamaRope | None:
+        """What a Llama config.json holds for an exact native equivalent of this encoding (`LlamaRope`), or None."""
         if not self.encoding_class.llama_equivalent:
             return None
         scaling = self.scaling(max_seq_len=max_seq_len)
         rope = scaling.rope_parameters(theta)
-        return None if rope is None else (rope, scaling.max_position_embeddings(max_seq_len))
+        if rope is None:
+            return None
+        return LlamaRope(
+            rope_parameters=rope,
+            rope_scaling={key: value for key, value in rope.items() if key != "rope_theta"} if scaling.active else None,
+            rope_theta=theta,
+            max_position_embeddings=scaling.max_position_embeddings(max_seq_len),
+            reads_max_position_embeddings=scaling.rope_type_reads_max_position_embeddings,
+        )
 
     @classmethod
     def of_rope_parameters(cls, rope: dict[str, Any], *, max_position_embeddings: int) -> EncodingSpec:

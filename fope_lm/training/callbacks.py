@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +116,9 @@ class MetricsFileWriter(Callback):
 
 
 class WandbLogger(Callback):
-    """The run's wandb run (rank 0): resumed under the same id by a resume or a requeue; offline without credentials."""
+    """The run's wandb run (rank 0): resumed under the same id by a resume or a requeue; offline without credentials.
+    Its config is the validated config, with the plan's `model_resolved` (the model's every shape value and
+    n_parameters), so runs filter by size (model_resolved.n_parameters, model_resolved.d_model)."""
 
     def __init__(self):
         self.run = None
@@ -147,7 +150,9 @@ class WandbLogger(Callback):
 
 
 class ConsoleProgress(Callback):
-    """A tqdm bar on rank 0 (when stderr is a terminal) and one log line per logged step."""
+    """A tqdm bar on rank 0 (when stderr is a terminal) and one log line per logged step, ending with the time since
+    this launch's first step and the time left at that pace (`elapsed 3m12s eta 23m28s`): a resumed run times only
+    its own steps, so its ETA holds; evaluations and checkpoints are part of the pace."""
 
     SHOWN = (
         ("train/loss", "loss {:.4f}"),
@@ -158,13 +163,20 @@ class ConsoleProgress(Callback):
         ("perf/mfu", "mfu {:.1%}"),
     )
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.bar: tqdm | None = None
         self.redirect = logging_redirect_tqdm()
+        self.clock = clock
+        self.first_step: int | None = None  # this launch's first step, begun at self.started
+        self.started = 0.0
 
     def on_train_start(self, trainer):
         self.redirect.__enter__()
         self.bar = tqdm(total=trainer.config.train.max_steps, initial=trainer.step, desc=trainer.config.run_name, disable=None)
+
+    def on_step_start(self, trainer, step):
+        if self.first_step is None:
+            self.first_step, self.started = step, self.clock()
 
     def on_step_end(self, trainer, step, result):
         self.bar.update()
@@ -173,11 +185,24 @@ class ConsoleProgress(Callback):
     def on_log(self, trainer, step, metrics):
         shown = [f"step {step}/{trainer.config.train.max_steps}"]
         shown += [fmt.format(metrics[key]) for key, fmt in self.SHOWN if key in metrics]
+        if self.first_step is not None:
+            elapsed = self.clock() - self.started
+            left = (trainer.config.train.max_steps - step) * elapsed / (step - self.first_step + 1)
+            shown.append(f"elapsed {duration(elapsed)} eta {duration(left)}")
         log.info(" | ".join(shown))
 
     def on_finish(self, trainer, stopped):
         self.bar.close()
         self.redirect.__exit__(None, None, None)
+
+
+def duration(seconds: float) -> str:
+    """42s, 3m12s, 2h05m09s."""
+    total = round(seconds)
+    hours, minutes, secs = total // 3600, total // 60 % 60, total % 60
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class StopOnRequest(Callback):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -210,6 +211,10 @@ class TrainConfig:
     init_from: str | None = None  # a checkpoint whose weights start a new run (PE and length may differ)
     init_expand: bool = MISSING  # init_from: keep fresh values where a PE tensor grew (else zeros)
     model: ModelSection = MISSING  # type: ignore[valid-type]
+    # a record, not a setting: the ModelConfig that model + pe + train.seq_len + the tokenizer resolve to (every shape
+    # value filled in, n_parameters), set by the trainer's plan for config.yaml, trainer_state.json and wandb; a value
+    # given here (a re-run config.yaml) is recomputed, and a different one warned about: the shape is set by `model`
+    model_resolved: dict[str, Any] | None = None
     pe: dict[str, Any] = MISSING  # {name: <registered PE>, **its options}
     data: Any = MISSING  # the data group; validated by fope_lm.data.DataConfig
     train: TrainSection = MISSING
@@ -264,6 +269,16 @@ def build_model_config(model: Any, pe: Mapping, *, max_seq_len: int, default_voc
     return config
 
 
+def resolved_model(model_config: ModelConfig) -> dict[str, Any]:
+    """TrainConfig.model_resolved: the ModelConfig with its derived values filled in (key/value heads, the SwiGLU
+    width) and the trainable parameter count (counted on the meta device: no memory); without n_parameters it is a
+    ModelConfig of the same model."""
+    with torch.device("meta"):
+        n_parameters = Transformer(model_config).num_parameters()
+    shape = {"n_kv_heads": model_config.kv_heads, "ffn_hidden_size": model_config.hidden_size}
+    return {**model_config.to_dict(), **shape, "n_parameters": n_parameters}
+
+
 def check_command_line(config_dir: str, config_name: str, argv: list[str]) -> None:
     """Compose the config once before Hydra does, so that an unknown group option (`model=huge`, `+pe=nosuch`)
     or key (`train.bogus=1`) is a one-line error instead of Hydra's multi-line report. Command lines with Hydra
@@ -288,3 +303,99 @@ def hydra_error_line(exc: Exception) -> str:
         if line.startswith("Available options"):
             return "; ".join(lines[:i]) + f"; {line[0].lower()}{line[1:]} " + ", ".join(lines[i + 1 :])
     return "; ".join(line for line in lines if not line.startswith(("full_key:", "object_type=")))
+
+
+# --- --help: the groups a run selects ----------------------------------------------------------------------------
+CONFIG_GROUPS_RESOLVER = "fope.config_groups"
+
+
+def config_groups(*groups: str) -> str:
+    """`${fope.config_groups:model,pe,...}` in configs/train.yaml's help template: each named config group with its
+    options, one line each, as Hydra's $APP_CONFIG_GROUPS writes them. That one lists every directory of configs/ that
+    holds YAML, among them configs/accelerate/ (`accelerate launch --config_file`) and configs/paper/ (what the
+    experiments share), which no run selects. The options are Hydra's own (its config search path)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fope_lm.paths import CONFIG_DIR
+
+    hydra = GlobalHydra.instance()
+    loader = hydra.config_loader() if hydra.is_initialized() else None
+
+    def options(group: str) -> list[str]:  # outside a Hydra app: the config dir's files
+        return loader.get_group_options(group) if loader is not None else [path.stem for path in (CONFIG_DIR / group).glob("*.yaml")]
+
+    return "\n".join(f"{group}: {', '.join(sorted(options(group)))}" for group in groups)
+
+
+if not OmegaConf.has_resolver(CONFIG_GROUPS_RESOLVER):
+    OmegaConf.register_new_resolver(CONFIG_GROUPS_RESOLVER, config_groups)
+
+
+# --- run_name: what the command line changed, in the name ------------------------------------------------------
+RUN_NAME_RESOLVER = "fope.run_name"
+NAME_KEEPS = ("pe", "seed", "run_name", "experiment")  # shown by the template's {pe} / the seed suffix, or naming themselves
+
+
+def derive_run_name(template: str, pe: str, *, seed: int, hydra: Any = None, argv: list[str] | None = None) -> str:
+    """The run name of `run_name: ${fope.run_name:TEMPLATE,PE}` (configs/train.yaml, configs/experiment/*.yaml).
+
+    TEMPLATE names the run as its config file sets it up; PE is the pe config it stands for. `hydra` is Hydra's node of
+    the run (None where the config was composed without one: TEMPLATE's defaults then):
+    - `{pe}` becomes the pe config chosen (`pe=rope_clip`, `+pe=fope_nomix`), else PE; a TEMPLATE without `{pe}` gets
+      `_pe-NAME` when another PE than PE was chosen;
+    - every override of a PE option (`pe.sigma=0.1`), and in a multirun every swept key (`optim.lr=1e-3,3e-3`, read
+      from the command line, `argv`), adds `_KEY-VALUE`, sorted (characters other than letters, digits and `._+-`
+      become `-`);
+    - `{seed}` becomes the seed; a TEMPLATE without it gets `_s<seed>` for a nonzero seed (seed 0 is the bare name).
+    An explicit `run_name=...` replaces all of this."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    chosen = hydra.runtime.choices.get("pe") if hydra is not None else None
+    other_pe = f"_pe-{chosen}" if chosen and chosen != pe else ""  # a TEMPLATE without {pe}
+    name = template.replace("{pe}", chosen or pe) if "{pe}" in template else template + other_pe
+    overrides = OverridesParser.create().parse_overrides(list(hydra.overrides.task)) if hydra is not None else []
+    swept = swept_keys(sys.argv[1:] if argv is None else argv) if hydra is not None and hydra.mode == RunMode.MULTIRUN else set()
+    items = set()
+    for override in overrides:
+        key = override.key_or_group
+        if key in NAME_KEEPS or (key == "pe.name" and "{pe}" in template and not chosen):  # pe.name=X: already {pe}
+            continue
+        if key.startswith("pe.") or key in swept:
+            value = "del" if override.is_delete() else override.get_value_element_as_str()
+            items.add(f"{key}-{re.sub(r'[^A-Za-z0-9._+-]', '-', value)}")
+    name += "".join(f"_{item}" for item in sorted(items))
+    if "{seed}" in template:
+        return name.replace("{seed}", str(seed))
+    return name + (f"_s{seed}" if seed != 0 else "")
+
+
+def swept_keys(argv: list[str]) -> set[str]:
+    """The keys a multirun command line sweeps (`pe.sigma=0.1,0.3`, `seed=range(3)`); flags and their values are
+    skipped. Sweeps declared in a config (hydra.sweeper.params) are not seen: give those jobs a run_name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, keys = OverridesParser.create(), set()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue
+        if override.is_sweep_override():
+            keys.add(override.key_or_group)
+    return keys
+
+
+def _run_name_resolver(template: str, pe: str, *, _root_: Any) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    # composed with return_hydra_config=True: its node; train.py: Hydra holds it (the job's, in a multirun)
+    hydra = _root_.hydra if "hydra" in _root_ else (HydraConfig.get() if HydraConfig.initialized() else None)
+    return derive_run_name(str(template), str(pe), seed=int(_root_.seed), hydra=hydra)
+
+
+if not OmegaConf.has_resolver(RUN_NAME_RESOLVER):
+    OmegaConf.register_new_resolver(RUN_NAME_RESOLVER, _run_name_resolver)

@@ -29,7 +29,7 @@ from accelerate.utils import set_seed, str_to_bool
 from omegaconf import DictConfig
 
 from fope_lm.checkpoint import load_state_dict, load_weights, read_model_config, transfer_weights, write_json_atomic
-from fope_lm.data import DataConfig, TokenData, TrainBatches, ValidationTokens, ensure_prepared
+from fope_lm.data import DataConfig, TokenData, TrainBatches, ValidationTokens
 from fope_lm.devices import device_name
 from fope_lm.errors import ConfigError, FopeError
 from fope_lm.nn.attention import attention_kernels, choose_kernel
@@ -54,7 +54,7 @@ from fope_lm.training.checkpointer import (
     check_training_checkpoint,
     resume_point,
 )
-from fope_lm.training.config import OnNonFinite, TrainConfig, build_model_config, to_container, to_yaml
+from fope_lm.training.config import OnNonFinite, TrainConfig, build_model_config, resolved_model, to_container, to_yaml
 from fope_lm.training.distributed import (
     broadcast_buffers,
     build_accelerator,
@@ -126,9 +126,15 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
     started = time.time()
     config = validated(TrainConfig, cfg)
     train = config.train
-    data = TokenData(ensure_prepared(DataConfig.from_cfg(config.data)))
+    data_cfg = DataConfig.from_cfg(config.data)
+    if data_cfg.dir is not None:  # data.dir: the dir as prepared; the run records its config, not the group's ignored keys
+        config.data = data_cfg.to_config()
+    data = TokenData.from_config(data_cfg)  # by its absolute path, as run_info.json and the checkpoints record it
     model_config = build_model_config(config.model, config.pe, max_seq_len=train.seq_len, default_vocab_size=data.vocab_size)
     data.check_vocab(model_config.vocab_size)
+    record_resolved_model(config, model_config, warn=rank == 0)
+    if rank == 0:
+        warn_if_warmup_fills_the_run(config)
     if 0 < (instances := data.train_instances(train.seq_len)) < train.batch_size:  # 0: TrainBatches says the length is too long
         raise ConfigError(
             f"train.global_batch_size={train.batch_size} is more than the {instances} training instances of {data.dir} at "
@@ -202,6 +208,42 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
                 with contextlib.suppress(OSError):
                     run_dir.path.rmdir()
         raise
+
+
+def record_resolved_model(config: TrainConfig, model_config: ModelConfig, *, warn: bool) -> None:
+    """config.model_resolved: the model this run builds (config.yaml, trainer_state.json and wandb record it; the
+    `model` section keeps what was asked for, nulls included, so that an override or a resume means what it meant).
+    A value that came in with the config (a re-run config.yaml, a command line) is replaced, and named if it differs."""
+    resolved = resolved_model(model_config)
+    given = config.model_resolved
+    if warn and given is not None and given != resolved:
+        changed = "; ".join(f"{key} {given.get(key)!r} -> {value!r}" for key, value in resolved.items() if given.get(key) != value)
+        log.warning(
+            "model_resolved is a record of the model that `model`, `pe` and train.seq_len give, not a setting: recomputed "
+            "(%s); set the shape with model.*", changed or f"unknown keys {sorted(set(given) - set(resolved))} dropped",
+        )  # fmt: skip
+    config.model_resolved = resolved
+
+
+def warn_if_warmup_fills_the_run(config: TrainConfig) -> None:
+    """A run whose max_steps is at most optim.warmup_steps never leaves the linear warmup (optim.learning_rate): say
+    so, with both values and what the LR then does."""
+    train, optim = config.train, config.optim
+    if train.max_steps > optim.warmup_steps:
+        return
+    max_steps = f"train.max_steps={train.max_steps}" + (f" (from train.max_tokens={train.max_tokens})" if train.max_tokens else "")
+    if train.max_steps == optim.warmup_steps:
+        what = f"the LR reaches its peak optim.lr={optim.lr:g} only at the last step and never decays"
+    else:
+        reached = optim.lr * train.max_steps / optim.warmup_steps
+        what = (
+            f"the LR never reaches its peak optim.lr={optim.lr:g}: it rises linearly to {reached:.3g} "
+            f"({train.max_steps / optim.warmup_steps:.0%} of it) at the last step and never decays"
+        )
+    log.warning(
+        "%s <= optim.warmup_steps=%d: the run never leaves warmup; %s (no cosine phase down to optim.alpha_f x lr); "
+        "lower optim.warmup_steps or raise train.max_steps", max_steps, optim.warmup_steps, what,
+    )  # fmt: skip
 
 
 def resolve_compile(configured: bool | None, deepspeed_config: dict | None) -> bool:
@@ -556,6 +598,12 @@ class Trainer:
             self.config.run_name, self.num_parameters / 1e6, plan.model_config.pe, train.seq_len, train.batch_size,
             plan.world_size, plan.grad_accum, train.micro_batch_size, backend, self.device,
             "bf16" if plan.mixed_precision == "bf16" else "fp32", self.step, train.max_steps,
+        )  # fmt: skip
+        shape = plan.model_config
+        log.info(
+            "model: d_model %d, %d layers, %d heads (%d key/value), ffn %d, vocab %d, max_seq_len %d, pe %s %s",
+            shape.d_model, shape.n_layers, shape.n_heads, shape.kv_heads, shape.hidden_size,
+            shape.vocab_size, shape.max_seq_len, shape.pe, shape.pe_options or "{}",
         )  # fmt: skip
         model = self.accelerator.unwrap_model(self.model)
         log.info("attention: %s; torch.compile %s", attention_kernels(model), "on" if plan.compile else "off")

@@ -217,7 +217,8 @@ def staging_dir(final: Path) -> Path:
     return final.with_name(final.name + STAGING_SUFFIX)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (a rename is durable only once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -229,14 +230,14 @@ def publish_checkpoint(staging: Path, final: Path) -> None:
     """fsync the staged files, add the completion marker, rename staging -> final (atomic), fsync the parent."""
     for path in staging.rglob("*"):
         if path.is_file():
-            _fsync(path)
+            fsync_path(path)
     (staging / COMPLETE_MARKER).write_text(f"{checkpoint_step(final)}\n")
-    _fsync(staging / COMPLETE_MARKER)
-    _fsync(staging)
+    fsync_path(staging / COMPLETE_MARKER)
+    fsync_path(staging)
     if final.exists():  # an older trajectory's checkpoint of the same step
         shutil.rmtree(final)
     os.replace(staging, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 # --- one run per run dir -----------------------------------------------------------------------------------------

@@ -210,30 +210,35 @@ def _title(axes, title: str, subtitle: str | None) -> None:
     axes.set_title(text, fontsize="medium")
 
 
-def perplexity_figure(curves: list[Curve], *, train_lengths: list[int], title: str, subtitle: str | None = None) -> Figure:
-    """ppl vs length on log-log axes: each curve its own colour and marker, a shaded +-sd band for a seed group,
-    readable y ticks at any range (`readable_log_ticks`), the training length(s) dashed, the legend outside the axes."""
-    figure = Figure(figsize=(6.5, 4.5))  # the legend beside it: savefig(bbox_inches="tight") widens the image, not the axes narrower
-    axes = figure.subplots()
-    lows, highs = [], []
+def _plot_curves(axes, curves: list[Curve], *, floor: float = -math.inf, ceiling: float = math.inf) -> list[float]:
+    """Each curve a line in its own style, a seed group's +-sd band shaded (clipped to [floor, ceiling]); returns
+    every value drawn, bands included, for the axis limits."""
+    drawn: list[float] = []
     for index, curve in enumerate(curves):
         points = curve.points()
         if not points:
             continue
         lengths, values = [p[0] for p in points], [p[1] for p in points]
         axes.plot(lengths, values, label=curve.name, linewidth=1.6, markersize=5, zorder=3, **line_style(index))
-        lows.append(min(values))
-        highs.append(max(values))
+        drawn += values
         if any(p[2] for p in points):
-            lower = [value - (sd or 0.0) for _, value, sd in points]
-            upper = [value + (sd or 0.0) for _, value, sd in points]
+            lower = [max(floor, value - (sd or 0.0)) for _, value, sd in points]
+            upper = [min(ceiling, value + (sd or 0.0)) for _, value, sd in points]
             axes.fill_between(lengths, lower, upper, color=line_style(index)["color"], alpha=0.18, linewidth=0, zorder=2)
-            lows.append(min(v for v in lower if v > 0) if any(v > 0 for v in lower) else min(values))
-            highs.append(max(upper))
+            drawn += lower + upper
+    return drawn
+
+
+def perplexity_figure(curves: list[Curve], *, train_lengths: list[int], title: str, subtitle: str | None = None) -> Figure:
+    """ppl vs length on log-log axes: each curve its own colour and marker, a shaded +-sd band for a seed group,
+    readable y ticks at any range (`readable_log_ticks`), the training length(s) dashed, the legend outside the axes."""
+    figure = Figure(figsize=(6.5, 4.5))  # the legend beside it: savefig(bbox_inches="tight") widens the image, not the axes narrower
+    axes = figure.subplots()
+    drawn = [value for value in _plot_curves(axes, curves) if value > 0]  # a band reaching below 0 has no log position
     lengths = sorted({length for curve in curves for length in curve.lengths})
     _length_axis(axes, lengths, train_lengths)
     axes.set_yscale("log")
-    low, high = (min(lows), max(highs)) if lows else (1.0, 10.0)
+    low, high = (min(drawn), max(drawn)) if drawn else (1.0, 10.0)
     if high <= low * (1 + 1e-6):  # flat: a 1% window around the value
         low, high = low / 1.01, high * 1.01
     pad = (high / low) ** 0.06  # 6% of the (log) range on either side: no curve on the frame
@@ -258,16 +263,7 @@ def passkey_figure(
     axes_list = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     figure.subplots_adjust(top=0.8, wspace=0.08)  # room for the two-line title above the panels' own
     for axes, (panel_title, curves) in zip(axes_list, panels, strict=True):
-        for index, curve in enumerate(curves):
-            points = curve.points()
-            if not points:
-                continue
-            lengths, values = [p[0] for p in points], [p[1] for p in points]
-            axes.plot(lengths, values, label=curve.name, linewidth=1.6, markersize=5, zorder=3, **line_style(index))
-            if any(p[2] for p in points):
-                lower = [max(0.0, value - (sd or 0.0)) for _, value, sd in points]
-                upper = [min(1.0, value + (sd or 0.0)) for _, value, sd in points]
-                axes.fill_between(lengths, lower, upper, color=line_style(index)["color"], alpha=0.18, linewidth=0, zorder=2)
+        _plot_curves(axes, curves, floor=0.0, ceiling=1.0)
         lengths = sorted({length for curve in curves for length in curve.lengths})
         _length_axis(axes, lengths, train_lengths)
         if chance is not None and "teacher" in panel_title:

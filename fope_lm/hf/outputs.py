@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fope_lm.checkpoint import CONFIG_FILE, file_mode, umask
 from fope_lm.errors import FopeError
-from fope_lm.run_dir import RunDir, is_complete
+from fope_lm.run_dir import RunDir, fsync_path, is_complete
 
 PARTIAL, REPLACED = "partial", "replaced"  # the hidden siblings: the output being written, the one being replaced
 
@@ -111,14 +111,6 @@ def _sibling(target: Path, what: str) -> Path:
     return target.with_name(f".{target.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _settle(staging: Path) -> None:
     """The umask's modes on everything written (safetensors makes 600 files), and every file on disk."""
     directory_mode, regular_mode = 0o777 & ~umask(), file_mode()
@@ -129,8 +121,8 @@ def _settle(staging: Path) -> None:
             os.chmod(path, directory_mode)
         elif path.is_file():
             os.chmod(path, regular_mode)
-            _fsync(path)
-    _fsync(staging)
+            fsync_path(path)
+    fsync_path(staging)
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -142,4 +134,4 @@ def _publish(staging: Path, target: Path) -> None:
         shutil.rmtree(aside)
     else:
         os.replace(staging, target)  # over an empty directory too
-    _fsync(target.parent)
+    fsync_path(target.parent)

@@ -1,7 +1,9 @@
 """Shared test setup: offline, deterministic, CPU; the paths and fixtures several modules use (helpers/ holds the
 shared functions). Expensive fixtures are session- or module-scoped."""
 
+import logging
 import os
+import signal
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,3 +75,18 @@ def plan_with(data_root, runs):
         return planned
 
     return make
+
+
+@pytest.fixture
+def isolated_trainer(plan_with):
+    """A Trainer built in this process, with what it sets process-wide (signal handlers, log handlers, threads) put back."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    log_handlers, threads = list(logging.getLogger().handlers), torch.get_num_threads()
+    from fope_lm.training.trainer import Trainer
+
+    yield lambda *overrides: Trainer(plan_with("train.deterministic=false", "run_name=in-process", "overwrite=true", *overrides))
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    for handler in set(logging.getLogger().handlers) - set(log_handlers):
+        logging.getLogger().removeHandler(handler)
+    torch.set_num_threads(threads)

@@ -6,9 +6,6 @@ step reads the device once. A new PE cannot regress this: the tests run over the
 fullgraph is checked with the aot_eager backend (dynamo + AOTAutograd, the parts that break graphs), which traces in
 seconds; inductor's code generation is exercised by test_train.py's compiled training run."""
 
-import logging
-import signal
-
 import pytest
 import torch
 
@@ -76,21 +73,6 @@ def test_fullgraph_compile_trains_evaluates_long_and_decodes(pe):
             theirs = model.hidden_states(token, start_pos=start, kv_cache=caches[1], dynamic_len=24)
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def isolated_trainer(plan_with):
-    """A Trainer built in this process, with what it sets process-wide (signal handlers, log handlers, threads) put back."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-    log_handlers, threads = list(logging.getLogger().handlers), torch.get_num_threads()
-    from fope_lm.training.trainer import Trainer
-
-    yield lambda *overrides: Trainer(plan_with("train.deterministic=false", "run_name=in-process", "overwrite=true", *overrides))
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-    for handler in set(logging.getLogger().handlers) - set(log_handlers):
-        logging.getLogger().removeHandler(handler)
-    torch.set_num_threads(threads)
 
 
 def test_the_train_step_reads_the_device_once(isolated_trainer, monkeypatch):

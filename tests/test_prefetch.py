@@ -2,8 +2,6 @@
 in the same order; the data position of the steps done (what a checkpoint saves), not of the batch prepared ahead;
 a failure on its thread raised in the loop; the thread stopped by close(). Fast: no subprocess, no training."""
 
-import logging
-import signal
 import threading
 from functools import partial
 
@@ -151,21 +149,6 @@ def test_close_stops_a_thread_blocked_on_the_full_queue(data):
     prefetcher.close()
     assert not thread.is_alive() and thread not in threading.enumerate()  # (other tests may leave threads of their own)
     assert prefetcher.state_dict()["samples_consumed"] == 8
-
-
-@pytest.fixture
-def isolated_trainer(plan_with):
-    """A Trainer built in this process, with what it sets process-wide (signal handlers, log handlers, threads) put back."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-    log_handlers, threads = list(logging.getLogger().handlers), torch.get_num_threads()
-    from fope_lm.training.trainer import Trainer
-
-    yield lambda *overrides: Trainer(plan_with("train.deterministic=false", "run_name=prefetch", "overwrite=true", *overrides))
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-    for handler in set(logging.getLogger().handlers) - set(log_handlers):
-        logging.getLogger().removeHandler(handler)
-    torch.set_num_threads(threads)
 
 
 def test_the_trainer_keeps_the_position_of_its_steps_and_fit_stops_the_thread_on_errors(isolated_trainer, monkeypatch):

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -288,6 +289,32 @@ class StepResult:
     stop: bool  # some rank asked to stop: save and exit after this step
 
 
+def accumulate_gradients(
+    accelerator,
+    model,
+    labels: torch.Tensor,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]],
+    *,
+    grad_accum: int,
+    world_size: int,
+    loss_chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's forwards and backwards over its micro-batches (inputs, labels, document arguments), each gradient
+    that of sum(token losses) / the targets of the whole step on every rank. Returns this rank's summed loss and the
+    global target count (both on the device: the caller reads them with the rest of the step's numbers)."""
+    global_targets = accelerator.reduce((labels != -100).sum(), reduction="sum").clamp_min(1)  # all filtered: no loss
+    # accelerate divides each micro-batch loss by grad_accum and DDP/DeepSpeed average over ranks: undo both,
+    # so the gradient is sum(token losses) / global_targets.
+    scale = grad_accum * world_size / global_targets
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for inputs, micro_labels, documents in micro_batches:
+        with accelerator.accumulate(model):
+            loss = model(inputs, micro_labels, reduction="sum", loss_chunk_size=loss_chunk_size, **documents).loss
+            accelerator.backward(loss * scale)
+            loss_sum += loss.detach()
+    return loss_sum, global_targets
+
+
 class Trainer:
     def __init__(self, plan: Plan):
         self.plan, self.config = plan, plan.config
@@ -455,20 +482,20 @@ class Trainer:
         batch = self.batches.next()  # prepared on the host (filter, documents) while the last step ran
         filtered = batch.filtered
         labels = batch.labels.to(self.device, non_blocking=True)  # pinned on CUDA: the copy does not wait
-        global_targets = accelerator.reduce((labels != -100).sum(), reduction="sum").clamp_min(1)  # all filtered: no loss
-        # accelerate divides each micro-batch loss by grad_accum and DDP/DeepSpeed average over ranks: undo both,
-        # so the gradient is sum(token losses) / global_targets.
-        scale = self.plan.grad_accum * self.plan.world_size / global_targets
-        loss_sum = torch.zeros((), device=self.device)
         micro = train.micro_batch_size
-        for (inputs, documents), micro_labels in zip(batch.micro_batches(micro), labels.split(micro), strict=True):
-            with accelerator.accumulate(self.model):
-                loss = self.model(
-                    inputs.to(self.device, non_blocking=True), micro_labels, reduction="sum", loss_chunk_size=train.loss_chunk_size,
-                    **self.document_kwargs(documents),
-                ).loss  # fmt: skip
-                accelerator.backward(loss * scale)
-                loss_sum += loss.detach()
+        micro_batches = (
+            (inputs.to(self.device, non_blocking=True), micro_labels, self.document_kwargs(documents))
+            for (inputs, documents), micro_labels in zip(batch.micro_batches(micro), labels.split(micro), strict=True)
+        )
+        loss_sum, global_targets = accumulate_gradients(
+            accelerator,
+            self.model,
+            labels,
+            micro_batches,
+            grad_accum=self.plan.grad_accum,
+            world_size=self.plan.world_size,
+            loss_chunk_size=train.loss_chunk_size,
+        )
         norm = accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip or float("inf"))  # None: DeepSpeed's own
 
         # one tiny all-reduce (the step's loss over all ranks, and whether any rank was asked to stop), then the step's

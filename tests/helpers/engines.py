@@ -46,6 +46,7 @@ from fope_lm.training.distributed import (
     uses_deepspeed,
 )
 from fope_lm.training.optim import build_optimizer, learning_rate, set_learning_rate
+from fope_lm.training.trainer import accumulate_gradients
 
 from helpers.training import LAUNCH_TIMEOUT, REPO, TINY, compose_config, free_port
 
@@ -126,13 +127,12 @@ def train_one(pe: str, accelerator, config: TrainConfig, *, grad_accum: int) -> 
         lr = learning_rate(step, peak=optim.lr, warmup_steps=optim.warmup_steps, max_steps=train.max_steps, alpha_f=optim.alpha_f)
         set_learning_rate(optimizer, lr)  # before backward: DeepSpeed steps inside it
         labels = rows[:, 1:].to(device)
-        global_targets = accelerator.reduce((labels != -100).sum(), reduction="sum").clamp_min(1)
-        scale = grad_accum * world_size / global_targets
-        with accelerator.accumulate(model):
-            loss = model(rows[:, :-1].to(device), labels, reduction="sum", loss_chunk_size=train.loss_chunk_size, **documents).loss
-            accelerator.backward(loss * scale)
+        loss, global_targets = accumulate_gradients(  # the trainer's own forward/backward, one micro-batch per rank
+            accelerator, model, labels, [(rows[:, :-1].to(device), labels, documents)],
+            grad_accum=grad_accum, world_size=world_size, loss_chunk_size=train.loss_chunk_size,
+        )  # fmt: skip
         norm = accelerator.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
-        losses.append((accelerator.reduce(loss.detach(), reduction="sum") / global_targets).item())
+        losses.append((accelerator.reduce(loss, reduction="sum") / global_targets).item())
         norms.append(None if norm is None else float(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -139,9 +139,10 @@ class Checkpointer:
 
 
 # --- which checkpoint a run continues: checked by `plan`, before anything is built ------------------------------
-def resume_point(*, resume: str | None, overwrite: bool, run_dir: RunDir, rank: int) -> Path | None:
-    """The checkpoint this run continues, or None for a new one. Nothing of the run dir is deleted unless
-    overwrite=true: a run dir holds one trajectory, so what an explicit resume= would abandon is refused."""
+def resume_point(*, resume: str | None, overwrite: bool, run_dir: RunDir, rank: int) -> tuple[Path, dict] | None:
+    """The checkpoint this run continues and its trainer state, every file checked (`check_training_checkpoint`), or
+    None for a new run. Nothing of the run dir is deleted unless overwrite=true: a run dir holds one trajectory, so
+    what an explicit resume= would abandon is refused."""
     if resume is None:
         latest = run_dir.latest_checkpoint()
         if latest is not None and not overwrite:
@@ -165,7 +166,7 @@ def resume_point(*, resume: str | None, overwrite: bool, run_dir: RunDir, rank: 
             f"resume=auto to continue its newest, overwrite=true to discard them, or another run_name to continue "
             f"{checkpoint.name} in a new run dir"
         )
-    return checkpoint
+    return checkpoint, check_training_checkpoint(checkpoint)
 
 
 def check_resumable(checkpoint: Path, state: dict, model_config: ModelConfig, data) -> None:
@@ -248,14 +249,13 @@ def _only_scalar_shapes_differ(shapes: dict, expected: dict) -> bool:
     return shapes.keys() == expected.keys() and all(shapes[k] == expected[k] or {shapes[k], expected[k]} == {(), (1,)} for k in shapes)
 
 
-def latest_loadable_checkpoint(run_dir: RunDir, *, move_corrupt: bool) -> Path | None:
-    """The newest complete checkpoint of a run whose files are whole (`check_training_checkpoint`), or None. Newer
-    ones that fail the check are skipped with a warning, and moved aside when `move_corrupt` (rank 0's job: every
-    rank reaches the same verdict on the same files)."""
+def latest_loadable_checkpoint(run_dir: RunDir, *, move_corrupt: bool) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint of a run whose files are whole (`check_training_checkpoint`) and its trainer
+    state, or None. Newer ones that fail the check are skipped with a warning, and moved aside when `move_corrupt`
+    (rank 0's job: every rank reaches the same verdict on the same files)."""
     for checkpoint in reversed(run_dir.list_checkpoints()):
         try:
-            check_training_checkpoint(checkpoint)
-            return checkpoint
+            return checkpoint, check_training_checkpoint(checkpoint)
         except CheckpointError as exc:
             where = f"moved aside to {move_aside(checkpoint).name}" if move_corrupt else "skipped"
             log.warning("resume=auto: %s does not load (%s); %s, trying the next newest", checkpoint, exc, where)

@@ -52,7 +52,6 @@ from fope_lm.training.checkpointer import (
     Checkpointer,
     changed_settings,
     check_resumable,
-    check_training_checkpoint,
     resume_point,
 )
 from fope_lm.training.config import OnNonFinite, TrainConfig, build_model_config, resolved_model, to_container, to_yaml
@@ -166,11 +165,11 @@ def plan(cfg: DictConfig, *, rank: int = 0, world_size: int = 1) -> Plan:
     created = not run_dir.path.exists()
     lock = run_dir.lock() if rank == 0 else None  # one run per run dir: before anything in it is set aside or written
     try:
-        resume_from = resume_point(resume=config.resume, overwrite=config.overwrite, run_dir=run_dir, rank=rank)
-        resume_state = init_from = None
+        resumed = resume_point(resume=config.resume, overwrite=config.overwrite, run_dir=run_dir, rank=rank)
+        resume_from, resume_state = resumed if resumed is not None else (None, None)
+        init_from = None
         resume_changes: dict = {}
-        if resume_from is not None:
-            resume_state = check_training_checkpoint(resume_from)
+        if resume_from is not None and resume_state is not None:
             check_resumable(resume_from, resume_state, model_config, data)
             resume_changes = changed_settings(resume_state["config"], to_container(config))
             if resume_state["step"] >= train.max_steps:

@@ -146,8 +146,7 @@ class DataConfig:
         """Everything that determines the prepared data and the instances training cuts from it (all fields but
         `root`), as recorded in metadata.json: `TokenData.instances` reads the cut from there, and a config with
         another cut is refused like any other change (re-prepare, or use another name)."""
-        values = dataclasses.asdict(self) | {"source": str(self.source), "instances": str(self.instances)}
-        values["on_bad_record"] = str(self.on_bad_record)
+        values = self.to_config()
         del values["root"], values["dir"]
         if self.on_bad_record == OnBadRecord.error:  # the default, absent from dirs prepared before the field existed
             del values["on_bad_record"]

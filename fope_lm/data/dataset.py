@@ -64,15 +64,7 @@ class TokenData:
         is refused with both ways out: the dir as it was prepared (`data.dir=`), or rebuilt with these settings."""
         from fope_lm.data.prepare import ensure_prepared  # prepare reads and writes through this module
 
-        cfg = DataConfig.from_cfg(data_cfg)
-        data_dir = cfg.prepared_dir
-        if cfg.dir is None and is_prepared(data_dir) and (changed := cfg.differences(read_metadata(data_dir).get("config", {}))):
-            differences = ", ".join(f"{key}={prepared!r} (config: {configured!r})" for key, (prepared, configured) in changed.items())
-            raise DataError(
-                f"{data_dir} was prepared with a different config: {differences}; run `{prepare_command(cfg, overwrite=True)}` "
-                f"or use another name or root; or use it as it was prepared: data.dir={data_dir.absolute()} (and no other data keys)"
-            )
-        return cls(ensure_prepared(cfg).absolute())
+        return cls(ensure_prepared(data_cfg).absolute())
 
     @property
     def vocab_size(self) -> int:
@@ -276,7 +268,7 @@ class TrainBatches:
             offsets = np.array(data.shard_offsets("train"))
             self._file_starts = offsets[:-1]  # each file's first token in the stream
             self._first_samples = np.cumsum([0, *(np.diff(offsets) // seq_len)])  # each file's first instance
-            self.num_samples = data.train_instances(seq_len)
+            self.num_samples = int(self._first_samples[-1])  # = data.train_instances(seq_len)
             if self.num_samples == 0:
                 raise DataError(
                     f"seq_len={seq_len} is longer than every train file of {data.dir} (data.instances=per_file cuts "

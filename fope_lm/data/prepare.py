@@ -158,17 +158,19 @@ def ensure_prepared(data_cfg: "Mapping | DataConfig") -> Path:
         if cfg.source != "embedded":
             raise DataError(f"data '{cfg.name}' is not prepared ({data_dir} has no {METADATA_FILE}): run `{prepare_command(cfg)}`")
         prepare(cfg)
-    _check_prepared_with(data_dir, cfg)
+    # a run may also read the dir as it was prepared, by its path (`data.dir` takes the dir's own config)
+    as_prepared = f"; or use it as it was prepared: data.dir={data_dir.absolute()} (and no other data keys)"
+    _check_prepared_with(data_dir, cfg, also="" if cfg.dir is not None else as_prepared)
     return data_dir
 
 
-def _check_prepared_with(data_dir: Path, cfg: DataConfig) -> None:
-    prepared_with = read_metadata(data_dir)["config"]
-    if changed := {key: value for key, value in cfg.to_dict().items() if prepared_with.get(key) != value}:
-        differences = ", ".join(f"{key}={prepared_with.get(key)!r} (config: {new!r})" for key, new in changed.items())
+def _check_prepared_with(data_dir: Path, cfg: DataConfig, *, also: str = "") -> None:
+    """Refuse a dir prepared with other settings than `cfg`'s, naming each difference and the ways out (`also`: more)."""
+    if changed := cfg.differences(read_metadata(data_dir)["config"]):
+        differences = ", ".join(f"{key}={prepared!r} (config: {configured!r})" for key, (prepared, configured) in changed.items())
         raise DataError(
             f"{data_dir} was prepared with a different config: {differences}; "
-            f"run `{prepare_command(cfg, overwrite=True)}` or use another name or root"
+            f"run `{prepare_command(cfg, overwrite=True)}` or use another name or root{also}"
         )
 
 

@@ -28,6 +28,7 @@ from fope_lm.nn.attention import ATTENTION_MODES
 from fope_lm.nn.model import ModelConfig, Transformer, preset_config
 from fope_lm.schema import Choice
 from fope_lm.tracking import WandbConfig
+from fope_lm.training.sweep import seeded
 
 
 def resumable() -> Any:
@@ -367,7 +368,7 @@ def derive_run_name(template: str, pe: str, *, seed: int, hydra: Any = None, arg
     name += "".join(f"_{item}" for item in sorted(items))
     if "{seed}" in template:
         return name.replace("{seed}", str(seed))
-    return name + (f"_s{seed}" if seed != 0 else "")
+    return seeded(name, seed)
 
 
 def swept_keys(argv: list[str]) -> set[str]:

@@ -25,12 +25,6 @@ from fope_lm.tracking import WandbConfig, start_wandb
 RESULTS_SCHEMA = PACKAGE_ROOT / "schemas" / "results.schema.json"
 
 
-def load_results(path: str | Path) -> dict:
-    """A results.json, or the results.json inside an eval output dir."""
-    path = Path(path)
-    return json.loads((path / "results.json" if path.is_dir() else path).read_text())
-
-
 def results_table(results: dict) -> tuple[list[str], list[list]]:
     """One row per evaluated length (perplexity and passkey lengths together; None where not evaluated)."""
     perplexity = {row["length"]: row for row in results["perplexity"]}
@@ -319,8 +313,9 @@ class ResultsError(FopeError):
 
 
 def load_valid_results(path: str | Path) -> dict:
-    """`load_results`, checked: a ResultsError of one line naming the file and what is wrong with it (the JSON error's
-    line and column, or the schema's path and message) instead of a traceback further on."""
+    """A results.json, or the results.json inside an eval output dir, checked: a ResultsError of one line naming the
+    file and what is wrong with it (the JSON error's line and column, or the schema's path and message) instead of a
+    traceback further on."""
     path = Path(path)
     file = path / "results.json" if path.is_dir() else path
     again = "evaluate the checkpoint again with eval.py"

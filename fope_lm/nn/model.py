@@ -304,8 +304,8 @@ class Transformer(nn.Module):
             attn.flash = choose_kernel(mode, attn.pe, head_dim=attn.head_dim, device=device)
 
     def use_flash_attention(self, enabled: bool) -> None:
-        """`set_attention("auto")` if enabled, else `set_attention("sdpa")` (the earlier switch, still called by
-        fope_lm.bench.gpu_suite)."""
+        """`set_attention("auto")` if enabled, else `set_attention("sdpa")`: the switch before `set_attention`, kept
+        for code written against it."""
         self.set_attention("auto" if enabled else "sdpa")
 
     def use_fused_loss(self, enabled: bool) -> None:

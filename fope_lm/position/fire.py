@@ -12,7 +12,7 @@ authors' FIRE, chuanyang-Zheng/DAPE `megatron/model/positional_embeddings.py`, h
 
 The bias is float32 whatever the weights' dtype (bf16 under DeepSpeed) and the autocast around it: the MLP runs on
 float32 copies of its weights. c and L_multiplier are 1-element Parameters, shape (1,) (DeepSpeed's ZeRO flattening
-cannot view a 0-dim tensor); checkpoints keep them 0-dim as they always were, so checkpoints of either version load.
+cannot view a 0-dim tensor), and checkpoints store them as (1,); checkpoints of older code, with 0-dim ones, still load.
 """
 
 import math
